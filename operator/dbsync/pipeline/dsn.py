@@ -1,0 +1,106 @@
+"""Connection strings: validation, redaction and connecting with a bounded timeout.
+
+A DSN may carry a password, so nothing outside this module formats a DSN for people:
+use :func:`describe` (host, port and database only) or :func:`redact_text` on any
+message that might quote one, such as a driver exception.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from dbsync.pipeline.errors import ConfigurationError, ConnectionFailedError
+
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 10
+APPLICATION_NAME = "dbsync"
+
+# Passwords inside URIs (scheme://user:secret@host) and key=value strings (password=secret).
+_URI_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<secret>[^@\s]*)(?P<tail>@)",
+                           re.IGNORECASE)
+_KEYWORD_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<secret>'(?:[^'\\]|\\.)*'|\S+)",
+                               re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class DatabaseAddress:
+    """Where a database lives, without credentials: safe to log, store and show."""
+
+    host: str
+    port: int
+    database: str
+    user: str
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}/{self.database}"
+
+
+def parse(dsn: str, *, role: str) -> dict[str, str]:
+    """Parse ``dsn`` into libpq keywords, raising a ConfigurationError naming ``role``."""
+    if not dsn or not dsn.strip():
+        raise ConfigurationError(
+            f"the {role} DSN is empty: pass a connection string such as "
+            "postgresql://user@host:5432/dbname")
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as error:
+        raise ConfigurationError(
+            f"the {role} DSN is invalid ({redact_text(str(error))}): pass a connection string "
+            "such as postgresql://user@host:5432/dbname") from None
+    return {key: str(value) for key, value in params.items() if value is not None}
+
+
+def describe(dsn: str, *, role: str = "database") -> DatabaseAddress:
+    """Return host, port, database and user of ``dsn``, never its password."""
+    params = parse(dsn, role=role)
+    host = params.get("host") or params.get("hostaddr") or "localhost"
+    return DatabaseAddress(
+        host=host,
+        port=int(params.get("port") or 5432),
+        database=params.get("dbname") or params.get("user") or "",
+        user=params.get("user", ""),
+    )
+
+
+def redact_text(text: str, *secrets: str) -> str:
+    """Remove passwords of URIs and key=value DSNs, and each of ``secrets``, from ``text``."""
+    cleaned = _URI_PASSWORD.sub(r"\g<head>***\g<tail>", text)
+    cleaned = _KEYWORD_PASSWORD.sub(r"\g<head>***", cleaned)
+    for secret in secrets:
+        if secret:
+            cleaned = cleaned.replace(secret, "***")
+    return cleaned
+
+
+def password_of(dsn: str) -> str:
+    """Return the password in ``dsn`` or an empty string, for redaction lists."""
+    try:
+        return str(conninfo_to_dict(dsn).get("password") or "")
+    except psycopg.ProgrammingError:
+        return ""
+
+
+def connect(
+    dsn: str,
+    *,
+    role: str,
+    autocommit: bool = False,
+    connect_timeout_seconds: int = DEFAULT_CONNECT_TIMEOUT_SECONDS,
+    application_name: str = APPLICATION_NAME,
+) -> psycopg.Connection[tuple[object, ...]]:
+    """Open a connection to ``dsn``, turning every failure into a redacted, named error."""
+    parse(dsn, role=role)
+    conninfo = make_conninfo(
+        dsn, connect_timeout=str(connect_timeout_seconds), application_name=application_name)
+    try:
+        return psycopg.connect(conninfo, autocommit=autocommit)
+    except psycopg.OperationalError as error:
+        address = describe(dsn, role=role)
+        detail = redact_text(str(error).strip().splitlines()[0] if str(error).strip() else
+                             type(error).__name__, password_of(dsn))
+        raise ConnectionFailedError(
+            f"cannot connect to the {role} database {address}: {detail}; check the host, "
+            "port, database name and credentials") from None
