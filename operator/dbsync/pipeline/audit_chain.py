@@ -1,0 +1,241 @@
+"""Canonical serialization and SHA-256 hash chain of the audit log, and its verification.
+
+Canonical format 1 of a row is the PostgreSQL COPY text encoding of the columns in
+:data:`CANONICAL_COLUMNS`, joined by tabs and encoded as UTF-8: NULL is ``\\N``, and a
+backslash, backspace, form feed, newline, carriage return, tab or vertical tab inside a value
+is written as a backslash sequence. The timestamp is rendered in UTC with exactly six
+fractional digits, and JSONB values in PostgreSQL's own ``jsonb`` text output, which is a
+deterministic function of the stored value. ``row_hash`` is the SHA-256 hex digest of those
+bytes. The first column after the format number is the sequence and the next is
+``prev_hash``, the previous row's ``row_hash`` (64 zeros for sequence 1), which makes the rows
+one chain.
+
+The database trigger created by the ``0001_audit_log`` revision computes the hash when a row
+is inserted. Verification here is a separate implementation: it streams the same columns with
+``COPY ... TO STDOUT``, whose text format is exactly the canonical encoding, and hashes each
+line in Python, so it needs no parsing per value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+CHAIN_FORMAT = 1
+GENESIS_HASH = "0" * 64
+
+# Advisory lock (class, key) pairs. The chain pair is also written, as literals, into the
+# trigger of revision 0001_audit_log. The class is the ASCII of "dbsa".
+CHAIN_LOCK_CLASS = 1684173665
+CHAIN_LOCK_KEY = 1
+OWN_SCHEMA_LOCK_KEY = 2
+# Session locks taken in shared mode by every live writer of one sync: the key is the low
+# 31 bits of the sync id. The class is the ASCII of "dbsw".
+WRITER_LOCK_CLASS = 1684173687
+
+AUDIT_TABLE = "sync_audit_log"
+OPERATIONS_VIEW = "sync_audit_operations"
+
+# Column expressions of canonical format 1, in hash order, as SELECT list items.
+CANONICAL_COLUMNS: tuple[str, ...] = (
+    "chain_format",
+    "sequence",
+    "prev_hash",
+    """to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')""",
+    "event_id",
+    "event_kind",
+    "sync_id",
+    "operation_id",
+    "operation_type",
+    "operation_name",
+    "status",
+    "duration_ms",
+    "migration_name",
+    "trace_id",
+    "span_id",
+    "parent_span_id",
+    "traceparent",
+    "service_name",
+    "service_version",
+    "requester_kind",
+    "requester_user",
+    "requester_host",
+    "requester_namespace",
+    "requester_name",
+    "requester_uid",
+    "requester_generation",
+    "approver",
+    "database_host",
+    "database_port",
+    "database_name",
+    "plan_hash",
+    "writer_pid",
+    "schema_changes",
+    "error_details",
+    "metadata",
+)
+
+# Plain column names of CANONICAL_COLUMNS, for reading typed rows.
+CANONICAL_COLUMN_NAMES: tuple[str, ...] = tuple(
+    "recorded_at" if expression.startswith("to_char(") else expression
+    for expression in CANONICAL_COLUMNS
+)
+
+_COPY_ESCAPES = str.maketrans({
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\f": "\\f",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+    "\v": "\\v",
+})
+
+
+def copy_text(value: str | None) -> str:
+    """Encode one value as a field of COPY's text format (``\\N`` for NULL)."""
+    if value is None:
+        return "\\N"
+    return value.translate(_COPY_ESCAPES)
+
+
+def format_timestamp(value: datetime) -> str:
+    """Render ``value`` in UTC with exactly six fractional digits, as the chain hashes it."""
+    if value.tzinfo is None:
+        raise ValueError(f"timestamp {value!r} has no time zone: audit timestamps are UTC")
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def canonical_text(value: Any) -> str | None:
+    """Return the canonical text of one typed column value, before COPY encoding.
+
+    JSONB values must already be PostgreSQL's text rendering (select ``column::text``):
+    Python's json module orders keys and formats numbers differently.
+    """
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return format_timestamp(value)
+    if isinstance(value, bool):
+        raise TypeError("boolean values are not part of canonical format 1")
+    return str(value)
+
+
+def canonical_line(values: Sequence[Any]) -> bytes:
+    """Serialize one row's values, in CANONICAL_COLUMNS order, to the bytes that are hashed."""
+    return "\t".join(copy_text(canonical_text(value)) for value in values).encode("utf-8")
+
+
+def row_hash(line: bytes) -> str:
+    """Return the SHA-256 hex digest of one canonical line."""
+    return hashlib.sha256(line).hexdigest()
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of recomputing the hash chain over a range of the audit log."""
+
+    ok: bool
+    rows_checked: int
+    first_sequence: int | None = None
+    head_sequence: int | None = None
+    head_hash: str | None = None
+    first_broken_sequence: int | None = None
+    first_broken_reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "rows_checked": self.rows_checked,
+            "first_sequence": self.first_sequence,
+            "head_sequence": self.head_sequence,
+            "head_hash": self.head_hash,
+            "first_broken_sequence": self.first_broken_sequence,
+            "first_broken_reason": self.first_broken_reason,
+        }
+
+    def render_text(self) -> str:
+        if not self.ok:
+            return (f"audit chain BROKEN at sequence {self.first_broken_sequence}: "
+                    f"{self.first_broken_reason} ({self.rows_checked} rows checked before it)")
+        if self.rows_checked == 0:
+            return "audit chain OK: no rows in range"
+        return (f"audit chain OK: {self.rows_checked} rows checked, sequences "
+                f"{self.first_sequence}..{self.head_sequence}, head hash {self.head_hash}")
+
+
+class ChainVerifier:
+    """Check COPY text lines of ``row_hash, <CANONICAL_COLUMNS>`` one after another.
+
+    Feed lines in sequence order with :meth:`check_lines`; it stops at the first broken row.
+    """
+
+    def __init__(self, *, expected_sequence: int, expected_prev_hash: str) -> None:
+        self.rows_checked = 0
+        self.first_sequence: int | None = None
+        self.head_sequence = expected_sequence - 1
+        self.head_hash = expected_prev_hash
+        self.broken_sequence: int | None = None
+        self.broken_reason: str | None = None
+
+    def check_lines(self, lines: Iterable[bytes]) -> bool:
+        """Check each line; return False at the first broken row (and record why)."""
+        # Hot loop: locals instead of attribute lookups, bytes instead of str.
+        sha256 = hashlib.sha256
+        expected_format = str(CHAIN_FORMAT).encode()
+        head_sequence = self.head_sequence
+        head_hash = self.head_hash.encode("ascii")
+        checked = self.rows_checked
+        try:
+            for line in lines:
+                stored_hash, body = line.split(b"\t", 1)
+                chain_format, sequence_text, prev_hash, _rest = body.split(b"\t", 3)
+                sequence = int(sequence_text)
+
+                if chain_format != expected_format:
+                    return self._broken(sequence, f"unknown chain format {chain_format!r}")
+                if sequence != head_sequence + 1:
+                    return self._broken(
+                        sequence, f"sequence {head_sequence + 1} is missing before it "
+                        "(a row was deleted)")
+                if prev_hash != head_hash:
+                    return self._broken(
+                        sequence, f"prev_hash does not match the row_hash of sequence "
+                        f"{head_sequence} (that row or this one was replaced)")
+                if sha256(body).hexdigest().encode("ascii") != stored_hash:
+                    return self._broken(
+                        sequence, "row_hash does not match the row's contents "
+                        "(the row was altered after it was written)")
+
+                head_sequence = sequence
+                head_hash = stored_hash
+                checked += 1
+                if self.first_sequence is None:
+                    self.first_sequence = sequence
+            return True
+        finally:
+            self.head_sequence = head_sequence
+            self.head_hash = head_hash.decode("ascii")
+            self.rows_checked = checked
+
+    def _broken(self, sequence: int, reason: str) -> bool:
+        self.broken_sequence = sequence
+        self.broken_reason = reason
+        return False
+
+    def result(self) -> VerifyResult:
+        """Return the outcome so far."""
+        ok = self.broken_sequence is None
+        has_rows = self.rows_checked > 0
+        return VerifyResult(
+            ok=ok,
+            rows_checked=self.rows_checked,
+            first_sequence=self.first_sequence,
+            head_sequence=self.head_sequence if has_rows else None,
+            head_hash=self.head_hash if has_rows else None,
+            first_broken_sequence=self.broken_sequence,
+            first_broken_reason=self.broken_reason,
+        )
