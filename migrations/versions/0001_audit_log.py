@@ -32,7 +32,7 @@ _CHAIN_LOCK_CLASS = 1684173665
 _CHAIN_LOCK_KEY = 1
 
 # Columns of canonical format 1, in order. ``escaped`` columns may contain any text and go
-# through sync_audit_copy_text(); the others are numbers, UUIDs, checked hex strings or the
+# through dbsync_audit_copy_text(); the others are numbers, UUIDs, checked hex strings or the
 # fixed-width timestamp, whose text form never contains a character that COPY escapes.
 _CANONICAL_FIELDS: tuple[tuple[str, bool], ...] = (
     ("NEW.chain_format::text", False),
@@ -77,14 +77,14 @@ def _canonical_expression() -> str:
     parts = []
     for expression, escaped in _CANONICAL_FIELDS:
         if escaped:
-            parts.append(f"sync_audit_copy_text({expression})")
+            parts.append(f"dbsync_audit_copy_text({expression})")
         else:
             parts.append(f"coalesce({expression}, '\\N')")
     return "concat_ws(chr(9),\n            " + ",\n            ".join(parts) + ")"
 
 
 _CREATE_TABLE = """
-CREATE TABLE sync_audit_log (
+CREATE TABLE sync_audit_logs (
     sequence bigint PRIMARY KEY,
     chain_format smallint NOT NULL,
     prev_hash text NOT NULL CHECK (prev_hash ~ '^[0-9a-f]{64}$'),
@@ -125,23 +125,23 @@ CREATE TABLE sync_audit_log (
     schema_changes jsonb,
     error_details jsonb,
     metadata jsonb,
-    CONSTRAINT sync_audit_log_event_status_check CHECK (
+    CONSTRAINT sync_audit_logs_event_status_check CHECK (
         (event_kind = 'START' AND status = 'STARTED' AND duration_ms IS NULL)
         OR (event_kind = 'FINISH' AND status IN
             ('SUCCESS', 'FAILED', 'ROLLED_BACK', 'SKIPPED', 'TIMEOUT', 'ABANDONED'))
     ),
-    CONSTRAINT sync_audit_log_operation_event_key UNIQUE (operation_id, event_kind)
+    CONSTRAINT sync_audit_logs_operation_event_key UNIQUE (operation_id, event_kind)
 )
 """
 
 _INDEXES = (
-    "CREATE INDEX sync_audit_log_sync_idx ON sync_audit_log (sync_id, sequence)",
-    "CREATE INDEX sync_audit_log_recorded_at_idx ON sync_audit_log (recorded_at)",
+    "CREATE INDEX sync_audit_logs_sync_idx ON sync_audit_logs (sync_id, sequence)",
+    "CREATE INDEX sync_audit_logs_recorded_at_idx ON sync_audit_logs (recorded_at)",
     # "Recent syncs": the START events of SYNC operations, newest first.
-    """CREATE INDEX sync_audit_log_recent_syncs_idx ON sync_audit_log (recorded_at DESC)
+    """CREATE INDEX sync_audit_logs_recent_syncs_idx ON sync_audit_logs (recorded_at DESC)
        WHERE event_kind = 'START' AND operation_type = 'SYNC'""",
     # "Failed operations": FINISH events with a failure status, newest first.
-    """CREATE INDEX sync_audit_log_failures_idx ON sync_audit_log (recorded_at DESC)
+    """CREATE INDEX sync_audit_logs_failures_idx ON sync_audit_logs (recorded_at DESC)
        WHERE event_kind = 'FINISH'
          AND status IN ('FAILED', 'ROLLED_BACK', 'TIMEOUT', 'ABANDONED')""",
 )
@@ -150,7 +150,7 @@ _INDEXES = (
 # This function reproduces that encoding for one value, so the trigger hashes exactly the
 # bytes that `COPY (SELECT ...) TO STDOUT` later streams to the verifier.
 _CREATE_COPY_TEXT = r"""
-CREATE FUNCTION sync_audit_copy_text(value text) RETURNS text
+CREATE FUNCTION dbsync_audit_copy_text(value text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE WHEN value IS NULL THEN '\N' ELSE
         replace(replace(replace(replace(replace(replace(replace(value,
@@ -168,7 +168,7 @@ $$
 
 def _create_chain_function() -> str:
     return f"""
-CREATE FUNCTION sync_audit_log_chain() RETURNS trigger
+CREATE FUNCTION dbsync_audit_chain() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     last_sequence bigint;
@@ -181,15 +181,15 @@ BEGIN
     PERFORM pg_advisory_xact_lock({_CHAIN_LOCK_CLASS}, {_CHAIN_LOCK_KEY});
 
     SELECT log.sequence, log.row_hash INTO last_sequence, last_hash
-    FROM sync_audit_log AS log
+    FROM sync_audit_logs AS log
     ORDER BY log.sequence DESC
     LIMIT 1;
 
     IF NEW.event_kind = 'FINISH' AND NOT EXISTS (
-        SELECT 1 FROM sync_audit_log AS log
+        SELECT 1 FROM sync_audit_logs AS log
         WHERE log.operation_id = NEW.operation_id AND log.event_kind = 'START'
     ) THEN
-        RAISE EXCEPTION 'sync_audit_log: FINISH event for operation % without a START event',
+        RAISE EXCEPTION 'sync_audit_logs: FINISH event for operation % without a START event',
             NEW.operation_id USING ERRCODE = 'foreign_key_violation';
     END IF;
 
@@ -209,10 +209,10 @@ $$
 
 
 _CREATE_REJECT_FUNCTION = """
-CREATE FUNCTION sync_audit_log_reject_change() RETURNS trigger
+CREATE FUNCTION dbsync_audit_reject_change() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    RAISE EXCEPTION 'sync_audit_log is append-only: % is not allowed', TG_OP
+    RAISE EXCEPTION 'sync_audit_logs is append-only: % is not allowed', TG_OP
         USING ERRCODE = 'insufficient_privilege',
               HINT = 'audit events are corrected by appending a new event';
 END
@@ -220,14 +220,14 @@ $$
 """
 
 _TRIGGERS = (
-    """CREATE TRIGGER sync_audit_log_chain BEFORE INSERT ON sync_audit_log
-       FOR EACH ROW EXECUTE FUNCTION sync_audit_log_chain()""",
+    """CREATE TRIGGER sync_audit_logs_chain BEFORE INSERT ON sync_audit_logs
+       FOR EACH ROW EXECUTE FUNCTION dbsync_audit_chain()""",
     # Statement-level, so that even an UPDATE or DELETE matching no row is rejected, and
     # because row triggers never fire on TRUNCATE.
-    """CREATE TRIGGER sync_audit_log_append_only BEFORE UPDATE OR DELETE OR TRUNCATE
-       ON sync_audit_log FOR EACH STATEMENT EXECUTE FUNCTION sync_audit_log_reject_change()""",
-    "ALTER TABLE sync_audit_log ENABLE ALWAYS TRIGGER sync_audit_log_chain",
-    "ALTER TABLE sync_audit_log ENABLE ALWAYS TRIGGER sync_audit_log_append_only",
+    """CREATE TRIGGER sync_audit_logs_append_only BEFORE UPDATE OR DELETE OR TRUNCATE
+       ON sync_audit_logs FOR EACH STATEMENT EXECUTE FUNCTION dbsync_audit_reject_change()""",
+    "ALTER TABLE sync_audit_logs ENABLE ALWAYS TRIGGER sync_audit_logs_chain",
+    "ALTER TABLE sync_audit_logs ENABLE ALWAYS TRIGGER sync_audit_logs_append_only",
 )
 
 _CREATE_VIEW = """
@@ -265,14 +265,14 @@ SELECT
     coalesce(s.metadata, '{}'::jsonb) || coalesce(f.metadata, '{}'::jsonb) AS metadata,
     s.sequence AS start_sequence,
     f.sequence AS finish_sequence
-FROM sync_audit_log AS s
-LEFT JOIN sync_audit_log AS f
+FROM sync_audit_logs AS s
+LEFT JOIN sync_audit_logs AS f
     ON f.operation_id = s.operation_id AND f.event_kind = 'FINISH'
 WHERE s.event_kind = 'START'
 """
 
 _COMMENTS = (
-    """COMMENT ON TABLE sync_audit_log IS
+    """COMMENT ON TABLE sync_audit_logs IS
        'dbsync audit events: one START and one FINISH row per operation, append-only, '
        'SHA-256 chained in sequence order'""",
     """COMMENT ON VIEW sync_audit_operations IS
@@ -298,7 +298,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     # Dropping the table destroys the audit trail: downgrade exists for development only.
     op.execute("DROP VIEW IF EXISTS sync_audit_operations")
-    op.execute("DROP TABLE IF EXISTS sync_audit_log")
-    op.execute("DROP FUNCTION IF EXISTS sync_audit_log_reject_change()")
-    op.execute("DROP FUNCTION IF EXISTS sync_audit_log_chain()")
-    op.execute("DROP FUNCTION IF EXISTS sync_audit_copy_text(text)")
+    op.execute("DROP TABLE IF EXISTS sync_audit_logs")
+    op.execute("DROP FUNCTION IF EXISTS dbsync_audit_reject_change()")
+    op.execute("DROP FUNCTION IF EXISTS dbsync_audit_chain()")
+    op.execute("DROP FUNCTION IF EXISTS dbsync_audit_copy_text(text)")

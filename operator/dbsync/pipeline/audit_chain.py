@@ -36,7 +36,7 @@ OWN_SCHEMA_LOCK_KEY = 2
 # 31 bits of the sync id. The class is the ASCII of "dbsw".
 WRITER_LOCK_CLASS = 1684173687
 
-AUDIT_TABLE = "sync_audit_log"
+AUDIT_TABLE = "sync_audit_logs"
 OPERATIONS_VIEW = "sync_audit_operations"
 
 # Column expressions of canonical format 1, in hash order, as SELECT list items.
