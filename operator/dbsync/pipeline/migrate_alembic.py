@@ -1,0 +1,140 @@
+"""The narrow layer between dbsync and Alembic: engines, one-revision runs and offline SQL.
+
+dbsync runs one Alembic environment per revision, each time with a destination one step
+ahead, so it can time and audit every revision on its own. Online runs share dbsync's
+connection through ``config.attributes["connection"]``. When dbsync has already begun a
+transaction on it, Alembic's ``begin_transaction()`` joins that transaction instead of
+opening its own, which is how one transaction spans several revisions.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import psycopg
+from alembic.runtime.environment import EnvironmentContext
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy.engine import URL
+from sqlalchemy.pool import NullPool
+
+from dbsync.pipeline import dsn as dsn_module
+from dbsync.pipeline.alembic_guard import ALEMBIC_PROCESS_LOCK
+from dbsync.pipeline.errors import ConfigurationError
+from dbsync.pipeline.migrate_scripts import ScriptSet
+
+APPLICATION_NAME = "dbsync migrate"
+
+_INVALID_INDEXES_SQL = """
+SELECT format('%I.%I', n.nspname, c.relname)
+FROM pg_index AS i
+JOIN pg_class AS c ON c.oid = i.indexrelid
+JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE NOT i.indisvalid
+ORDER BY 1
+"""
+
+
+def public_url(dsn: str) -> URL:
+    """Return a ``postgresql+psycopg://`` URL for ``dsn`` without its password."""
+    address = dsn_module.describe(dsn, role="target")
+    return URL.create("postgresql+psycopg", username=address.user or None,
+                      host=address.host, port=address.port, database=address.database)
+
+
+def make_engine(dsn: str, *, connect_timeout_seconds: int = 10) -> Engine:
+    """Create a NullPool engine whose connections come from :func:`dsn_module.connect`.
+
+    The engine's URL carries no password: the connection string stays inside the
+    ``creator``, so nothing that logs the engine or its URL can leak a credential.
+    """
+    def connect() -> psycopg.Connection[tuple[object, ...]]:
+        return dsn_module.connect(dsn, role="target", autocommit=False,
+                                  connect_timeout_seconds=connect_timeout_seconds,
+                                  application_name=APPLICATION_NAME)
+
+    return create_engine(public_url(dsn), poolclass=NullPool, creator=connect)
+
+
+def set_timeouts(connection: Connection, *, lock_timeout_ms: int,
+                 statement_timeout_ms: int) -> None:
+    """Set the session's lock_timeout and statement_timeout, outside any transaction."""
+    connection.exec_driver_sql(f"SET lock_timeout = {int(lock_timeout_ms)}")
+    connection.exec_driver_sql(f"SET statement_timeout = {int(statement_timeout_ms)}")
+    connection.commit()
+
+
+def current_heads(connection: Connection) -> tuple[str, ...]:
+    """Return the application's ``alembic_version`` rows, or () when the table is absent."""
+    exists = connection.execute(text("SELECT to_regclass('alembic_version')")).scalar()
+    if exists is None:
+        return ()
+    rows = connection.execute(text("SELECT version_num FROM alembic_version")).scalars()
+    return tuple(sorted(str(row) for row in rows))
+
+
+def single_head(heads: tuple[str, ...], *, where: str) -> str | None:
+    """Return the only revision in ``heads``; several rows mean unmerged branches."""
+    if len(heads) > 1:
+        raise ConfigurationError(
+            f"{where} has several rows in alembic_version ({', '.join(heads)}): dbsync "
+            "migrates linear histories only; merge the branches with 'alembic merge' first")
+    return heads[0] if heads else None
+
+
+def invalid_indexes(connection: Connection) -> tuple[str, ...]:
+    """Return the target's indexes that pg_index marks invalid (failed concurrent builds)."""
+    return tuple(str(row) for row in connection.execute(text(_INVALID_INDEXES_SQL)).scalars())
+
+
+class AlembicDriver:
+    """Runs or renders one revision step at a time with the directory's environment."""
+
+    def __init__(self, scripts: ScriptSet, *, offline_url: URL) -> None:
+        self._scripts = scripts
+        # Why: env.py files read sqlalchemy.url in offline mode; ConfigParser needs % doubled.
+        self._offline_url = offline_url.render_as_string(hide_password=True).replace("%", "%%")
+
+    def run(self, connection: Connection, destination: str, *, downgrade: bool = False) -> None:
+        """Move the target to ``destination`` (one step) on ``connection``."""
+        script_directory = self._scripts.script_directory
+        config = self._scripts.make_config()
+        config.set_main_option("sqlalchemy.url", self._offline_url)
+        config.attributes["connection"] = connection
+
+        def steps(revision: Any, _context: MigrationContext) -> Any:
+            if downgrade:
+                return script_directory._downgrade_revs(destination, revision)
+            return script_directory._upgrade_revs(destination, revision)
+
+        # Why: alembic.context and alembic.op are process-global proxies.
+        with ALEMBIC_PROCESS_LOCK, EnvironmentContext(
+                config, script_directory, fn=steps, as_sql=False,
+                destination_rev=destination):
+            script_directory.run_env()
+
+    def render(self, start: str | None, destination: str, *, downgrade: bool = False) -> str:
+        """Return the SQL of the step from ``start`` to ``destination`` (offline mode)."""
+        script_directory = self._scripts.script_directory
+        buffer = io.StringIO()
+        config = self._scripts.make_config(output_buffer=buffer)
+        config.set_main_option("sqlalchemy.url", self._offline_url)
+
+        def steps(revision: Any, _context: MigrationContext) -> Any:
+            if downgrade:
+                return script_directory._downgrade_revs(destination, revision)
+            return script_directory._upgrade_revs(destination, revision)
+
+        with ALEMBIC_PROCESS_LOCK, EnvironmentContext(
+                config, script_directory, fn=steps, as_sql=True,
+                starting_rev=start, destination_rev=destination):
+            script_directory.run_env()
+        return _strip_transaction_lines(buffer.getvalue())
+
+
+def _strip_transaction_lines(sql: str) -> str:
+    """Drop the BEGIN/COMMIT that offline mode wraps around each rendered step."""
+    lines = [line for line in sql.strip().splitlines()
+             if line.strip().upper() not in ("BEGIN;", "COMMIT;")]
+    return "\n".join(lines).strip()

