@@ -40,13 +40,13 @@ from psycopg.types.json import Jsonb
 
 from dbsync import SERVICE_NAME, __version__
 from dbsync.pipeline.audit_chain import (
+    AUDIT_APPLICATION_NAME,
     AUDIT_TABLE,
-    CANONICAL_COLUMNS,
-    GENESIS_HASH,
     OPERATIONS_VIEW,
     WRITER_LOCK_CLASS,
-    ChainVerifier,
     VerifyResult,
+    require_audit_table,
+    verify_chain,
 )
 from dbsync.pipeline.audit_schema import ensure_own_schema, upgrade_own_schema
 from dbsync.pipeline.dsn import DatabaseAddress, connect, describe, password_of, redact_text
@@ -72,7 +72,6 @@ audit_logger = structlog.get_logger("dbsync.audit")
 
 # How long one audit write may wait for the chain lock held by another writer.
 DEFAULT_LOCK_TIMEOUT_MS = 10_000
-APPLICATION_NAME = "dbsync-audit"
 
 _TRACEPARENT = re.compile(
     r"^(?P<version>[0-9a-f]{2})-(?P<trace_id>[0-9a-f]{32})-(?P<parent_id>[0-9a-f]{16})"
@@ -338,7 +337,7 @@ class AuditTrail:
         # Raises ConnectionFailedError, already redacted, when the server cannot be reached.
         self._connection = connect(
             dsn, role="audit", autocommit=True, connect_timeout_seconds=connect_timeout_seconds,
-            application_name=APPLICATION_NAME)
+            application_name=AUDIT_APPLICATION_NAME)
         try:
             self._prepare(lock_timeout_ms=lock_timeout_ms)
         except BaseException:
@@ -635,68 +634,6 @@ class AuditTrail:
         self.close()
 
 
-def _table_exists(connection: psycopg.Connection[Any], name: str) -> bool:
-    row = connection.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()
-    return bool(row and row[0])
-
-
-def _require_audit_table(connection: psycopg.Connection[Any], dsn: str) -> None:
-    if not _table_exists(connection, AUDIT_TABLE):
-        raise AuditUnavailableError(
-            f"no audit table {AUDIT_TABLE} in {describe(dsn, role='audit')}: point --dsn at "
-            "the database that holds the audit trail (the target, or the separate audit "
-            "database)")
-
-
-def verify_chain(dsn: str, *, since: datetime | None = None,
-                 connect_timeout_seconds: int = 10) -> VerifyResult:
-    """Recompute the hash chain of the audit log and return where it first breaks.
-
-    With ``since``, checking starts at the first row recorded at or after it, and that row's
-    ``prev_hash`` is checked against the stored ``row_hash`` of the row before it.
-    """
-    with connect(dsn, role="audit", autocommit=True,
-                 connect_timeout_seconds=connect_timeout_seconds,
-                 application_name=APPLICATION_NAME) as connection:
-        _require_audit_table(connection, dsn)
-        table = sql.Identifier(AUDIT_TABLE)
-
-        first_sequence = 1
-        if since is not None:
-            row = connection.execute(
-                sql.SQL("SELECT min(sequence) FROM {} WHERE recorded_at >= %s").format(table),
-                (since,)).fetchone()
-            if row is None or row[0] is None:
-                return VerifyResult(ok=True, rows_checked=0)
-            first_sequence = int(str(row[0]))
-
-        expected_prev_hash = GENESIS_HASH
-        if first_sequence > 1:
-            previous = connection.execute(
-                sql.SQL("SELECT row_hash FROM {} WHERE sequence = %s").format(table),
-                (first_sequence - 1,)).fetchone()
-            if previous is None:
-                return VerifyResult(
-                    ok=False, rows_checked=0, first_broken_sequence=first_sequence,
-                    first_broken_reason=f"sequence {first_sequence - 1} is missing before it "
-                    "(a row was deleted)")
-            expected_prev_hash = str(previous[0])
-
-        verifier = ChainVerifier(expected_sequence=first_sequence,
-                                 expected_prev_hash=expected_prev_hash)
-        copy_sql = sql.SQL(
-            "COPY (SELECT row_hash, {columns} FROM {table} WHERE sequence >= {first} "
-            "ORDER BY sequence) TO STDOUT").format(
-                columns=sql.SQL(", ".join(CANONICAL_COLUMNS)), table=table,
-                first=sql.Literal(first_sequence))
-        with connection.cursor() as cursor, cursor.copy(copy_sql) as copy:
-            # PostgreSQL sends one CopyData message per row in COPY TO, ending in a newline.
-            verifier.check_lines(bytes(chunk)[:-1] for chunk in copy)
-        # NOTE: leaving the COPY block early (first broken row) drains the remaining rows;
-        # psycopg offers no cheaper way to cancel a COPY TO mid-stream.
-        return verifier.result()
-
-
 def _json_safe(value: Any) -> Any:
     if isinstance(value, uuid.UUID):
         return str(value)
@@ -714,8 +651,8 @@ def fetch_sync_operations(dsn: str, sync_id: uuid.UUID,
     """
     with connect(dsn, role="audit", autocommit=True,
                  connect_timeout_seconds=connect_timeout_seconds,
-                 application_name=APPLICATION_NAME) as connection:
-        _require_audit_table(connection, dsn)
+                 application_name=AUDIT_APPLICATION_NAME) as connection:
+        require_audit_table(connection, dsn)
         with connection.cursor(row_factory=dict_row) as cursor:
             cursor.execute(
                 sql.SQL("SELECT * FROM {} WHERE sync_id = %s ORDER BY start_sequence").format(
@@ -729,3 +666,40 @@ def fetch_sync_operations(dsn: str, sync_id: uuid.UUID,
         item["error"] = details.get("message") if isinstance(details, dict) else None
         result.append(item)
     return result
+
+
+def fetch_recent_events(dsn: str, *, limit: int = 20,
+                        connect_timeout_seconds: int = 10) -> list[dict[str, Any]]:
+    """Return the newest ``limit`` events of the audit table, oldest first, JSON-safe."""
+    with connect(dsn, role="audit", autocommit=True,
+                 connect_timeout_seconds=connect_timeout_seconds,
+                 application_name=AUDIT_APPLICATION_NAME) as connection:
+        require_audit_table(connection, dsn)
+        with connection.cursor(row_factory=dict_row) as cursor:
+            cursor.execute(
+                sql.SQL(
+                    "SELECT sequence, recorded_at, event_kind, sync_id, operation_id, "
+                    "operation_type, operation_name, migration_name, status, duration_ms, "
+                    "trace_id, span_id, parent_span_id "
+                    "FROM {} ORDER BY sequence DESC LIMIT %s").format(
+                        sql.Identifier(AUDIT_TABLE)), (limit,))
+            rows = cursor.fetchall()
+    return [{key: _json_safe(value) for key, value in row.items()} for row in reversed(rows)]
+
+
+def build_operation_tree(operations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Nest rows of fetch_sync_operations() by span: each node gets a ``children`` list.
+
+    A row whose parent span is not among the rows (a top-level operation, or one under the
+    caller's traceparent span) is a root. Order within a level is start order.
+    """
+    nodes = {str(row["span_id"]): {**row, "children": []} for row in operations}
+    roots: list[dict[str, Any]] = []
+    for row in operations:
+        node = nodes[str(row["span_id"])]
+        parent = nodes.get(str(row.get("parent_span_id")))
+        if parent is None or parent is node:
+            roots.append(node)
+        else:
+            parent["children"].append(node)
+    return roots

@@ -24,6 +24,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
+from psycopg import sql
+
+from dbsync.pipeline.dsn import connect, describe
+from dbsync.pipeline.errors import AuditUnavailableError
+
 CHAIN_FORMAT = 1
 GENESIS_HASH = "0" * 64
 
@@ -38,6 +44,9 @@ WRITER_LOCK_CLASS = 1684173687
 
 AUDIT_TABLE = "sync_audit_logs"
 OPERATIONS_VIEW = "sync_audit_operations"
+COPY_TEXT_FUNCTION = "dbsync_audit_copy_text"
+# application_name of dbsync's audit connections, as pg_stat_activity shows them.
+AUDIT_APPLICATION_NAME = "dbsync-audit"
 
 # Column expressions of canonical format 1, in hash order, as SELECT list items.
 CANONICAL_COLUMNS: tuple[str, ...] = (
@@ -239,3 +248,65 @@ class ChainVerifier:
             first_broken_sequence=self.broken_sequence,
             first_broken_reason=self.broken_reason,
         )
+
+
+def _table_exists(connection: psycopg.Connection[Any], name: str) -> bool:
+    row = connection.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()
+    return bool(row and row[0])
+
+
+def require_audit_table(connection: psycopg.Connection[Any], dsn: str) -> None:
+    if not _table_exists(connection, AUDIT_TABLE):
+        raise AuditUnavailableError(
+            f"no audit table {AUDIT_TABLE} in {describe(dsn, role='audit')}: point --dsn at "
+            "the database that holds the audit trail (the target, or the separate audit "
+            "database)")
+
+
+def verify_chain(dsn: str, *, since: datetime | None = None,
+                 connect_timeout_seconds: int = 10) -> VerifyResult:
+    """Recompute the hash chain of the audit log and return where it first breaks.
+
+    With ``since``, checking starts at the first row recorded at or after it, and that row's
+    ``prev_hash`` is checked against the stored ``row_hash`` of the row before it.
+    """
+    with connect(dsn, role="audit", autocommit=True,
+                 connect_timeout_seconds=connect_timeout_seconds,
+                 application_name=AUDIT_APPLICATION_NAME) as connection:
+        require_audit_table(connection, dsn)
+        table = sql.Identifier(AUDIT_TABLE)
+
+        first_sequence = 1
+        if since is not None:
+            row = connection.execute(
+                sql.SQL("SELECT min(sequence) FROM {} WHERE recorded_at >= %s").format(table),
+                (since,)).fetchone()
+            if row is None or row[0] is None:
+                return VerifyResult(ok=True, rows_checked=0)
+            first_sequence = int(str(row[0]))
+
+        expected_prev_hash = GENESIS_HASH
+        if first_sequence > 1:
+            previous = connection.execute(
+                sql.SQL("SELECT row_hash FROM {} WHERE sequence = %s").format(table),
+                (first_sequence - 1,)).fetchone()
+            if previous is None:
+                return VerifyResult(
+                    ok=False, rows_checked=0, first_broken_sequence=first_sequence,
+                    first_broken_reason=f"sequence {first_sequence - 1} is missing before it "
+                    "(a row was deleted)")
+            expected_prev_hash = str(previous[0])
+
+        verifier = ChainVerifier(expected_sequence=first_sequence,
+                                 expected_prev_hash=expected_prev_hash)
+        copy_sql = sql.SQL(
+            "COPY (SELECT row_hash, {columns} FROM {table} WHERE sequence >= {first} "
+            "ORDER BY sequence) TO STDOUT").format(
+                columns=sql.SQL(", ".join(CANONICAL_COLUMNS)), table=table,
+                first=sql.Literal(first_sequence))
+        with connection.cursor() as cursor, cursor.copy(copy_sql) as copy:
+            # PostgreSQL sends one CopyData message per row in COPY TO, ending in a newline.
+            verifier.check_lines(bytes(chunk)[:-1] for chunk in copy)
+        # NOTE: leaving the COPY block early (first broken row) drains the remaining rows;
+        # psycopg offers no cheaper way to cancel a COPY TO mid-stream.
+        return verifier.result()

@@ -19,12 +19,19 @@ import sqlalchemy.exc
 from alembic import command
 from alembic.config import Config
 from alembic.util.exc import CommandError
+from psycopg import sql
 from sqlalchemy.pool import StaticPool
 
 from dbsync.pipeline.alembic_guard import ALEMBIC_PROCESS_LOCK
-from dbsync.pipeline.audit_chain import CHAIN_LOCK_CLASS, OWN_SCHEMA_LOCK_KEY
+from dbsync.pipeline.audit_chain import (
+    AUDIT_TABLE,
+    CHAIN_LOCK_CLASS,
+    COPY_TEXT_FUNCTION,
+    OPERATIONS_VIEW,
+    OWN_SCHEMA_LOCK_KEY,
+)
 from dbsync.pipeline.dsn import connect, describe, password_of, redact_text
-from dbsync.pipeline.errors import AuditUnavailableError
+from dbsync.pipeline.errors import AuditUnavailableError, ConfigurationError
 
 logger = logging.getLogger("dbsync.audit")
 
@@ -127,3 +134,74 @@ def current_own_revision(connection: psycopg.Connection[Any]) -> str | None:
         return None
     row = connection.execute(f"SELECT version_num FROM {OWN_VERSION_TABLE}").fetchone()
     return str(row[0]) if row else None
+
+
+def grant_statements(role: str, *, schema: str | None = None, dsn: str | None = None,
+                     connect_timeout_seconds: int = 10) -> list[sql.Composed]:
+    """Return the statements that make ``role`` an INSERT-only writer of the audit trail.
+
+    The role may append and read events, read the view and dbsync's version table (an
+    AuditTrail checks that its tables are at head), and nothing else on these objects. With
+    ``dsn``, the schema defaults to the one holding the audit table and a CONNECT grant on
+    that database is included. Without it, the schema defaults to ``public``.
+    """
+    if not role or not role.strip():
+        raise ConfigurationError("the role name is empty: pass the name of an existing role")
+
+    database: str | None = None
+    if dsn is not None:
+        database = describe(dsn, role="audit").database
+        if schema is None:
+            schema = _audit_table_schema(dsn, connect_timeout_seconds=connect_timeout_seconds)
+    schema = schema or "public"
+
+    grantee = sql.Identifier(role)
+    table = sql.Identifier(schema, AUDIT_TABLE)
+    statements: list[sql.Composed] = []
+    if database:
+        statements.append(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+            sql.Identifier(database), grantee))
+    statements.extend([
+        sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), grantee),
+        # Start from nothing, so an earlier broader grant (UPDATE, DELETE, ...) is removed.
+        sql.SQL("REVOKE ALL ON TABLE {} FROM {}").format(table, grantee),
+        # SELECT is needed too: the chain trigger reads the previous row as the inserting role.
+        sql.SQL("GRANT SELECT, INSERT ON TABLE {} TO {}").format(table, grantee),
+        sql.SQL("REVOKE ALL ON TABLE {} FROM {}").format(
+            sql.Identifier(schema, OPERATIONS_VIEW), grantee),
+        sql.SQL("GRANT SELECT ON TABLE {} TO {}").format(
+            sql.Identifier(schema, OPERATIONS_VIEW), grantee),
+        sql.SQL("GRANT SELECT ON TABLE {} TO {}").format(
+            sql.Identifier(schema, OWN_VERSION_TABLE), grantee),
+        sql.SQL("GRANT EXECUTE ON FUNCTION {}(text) TO {}").format(
+            sql.Identifier(schema, COPY_TEXT_FUNCTION), grantee),
+    ])
+    return statements
+
+
+def _audit_table_schema(dsn: str, *, connect_timeout_seconds: int) -> str:
+    with connect(dsn, role="audit", autocommit=True,
+                 connect_timeout_seconds=connect_timeout_seconds) as connection:
+        row = connection.execute(
+            "SELECT n.nspname FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
+            "WHERE c.oid = to_regclass(%s)", (AUDIT_TABLE,)).fetchone()
+    if row is None:
+        raise AuditUnavailableError(
+            f"no audit table {AUDIT_TABLE} in {describe(dsn, role='audit')}: run a sync (or "
+            "'dbsync audit verify') as a role that may create tables first, then grant")
+    return str(row[0])
+
+
+def apply_statements(dsn: str, statements: list[sql.Composed], *,
+                     connect_timeout_seconds: int = 10) -> None:
+    """Run ``statements`` on ``dsn`` in one transaction."""
+    with connect(dsn, role="audit", connect_timeout_seconds=connect_timeout_seconds) as connection:
+        try:
+            with connection.transaction():
+                for statement in statements:
+                    connection.execute(statement)
+        except psycopg.Error as error:
+            detail = redact_text(str(error).strip().splitlines()[0], password_of(dsn))
+            raise ConfigurationError(
+                f"cannot apply the audit grants on {describe(dsn, role='audit')}: {detail}; "
+                "run them as the owner of the audit tables or a superuser") from None
