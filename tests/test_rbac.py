@@ -1,0 +1,340 @@
+"""Tests that the operator's RBAC grants cover every API call it makes, and nothing more.
+
+:func:`compare_rbac` takes API calls, as recorded by the Kubernetes API emulator, and the
+Roles and ClusterRoles bound to the operator's ServiceAccount in the rendered manifests. It
+returns the calls no rule allows and the permissions no call used. The function is tested
+on explicit calls first, then on the calls of a real ``dbsync operator`` process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CRD_FILE = ROOT / "crds" / "databasesync.yaml"
+OPERATOR_NAMESPACE = "dbsync-system"
+OPERATOR_SERVICE_ACCOUNT = "dbsync-operator"
+
+
+class CallRecord(Protocol):
+    """What RBAC sees of a request; the emulator's ``RequestRecord`` has these attributes."""
+
+    @property
+    def verb(self) -> str: ...
+    @property
+    def api_group(self) -> str: ...
+    @property
+    def resource(self) -> str: ...
+    @property
+    def subresource(self) -> str: ...
+    @property
+    def namespace(self) -> str | None: ...
+    @property
+    def name(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class ApiCall:
+    """One API call: a Kubernetes verb on a resource or subresource, in a namespace or not."""
+
+    verb: str
+    api_group: str
+    resource: str
+    subresource: str = ""
+    namespace: str | None = None
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Grant:
+    """The rules of one Role or ClusterRole bound to the operator, with the Role's namespace.
+
+    ``namespace`` is None for a ClusterRole bound by a ClusterRoleBinding, which applies in
+    every namespace and to cluster-scoped resources.
+    """
+
+    kind: str
+    name: str
+    namespace: str | None
+    rules: tuple[Mapping[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class Permission:
+    """One verb on one resource of one API group, as granted by a rule of a Role."""
+
+    role: str
+    namespace: str | None
+    api_group: str
+    resource: str
+    verb: str
+
+
+@dataclass(frozen=True)
+class RbacComparison:
+    uncovered_calls: list[ApiCall]
+    unused_permissions: list[Permission]
+
+
+def as_call(record: CallRecord) -> ApiCall:
+    return ApiCall(
+        verb=record.verb,
+        api_group=record.api_group,
+        resource=record.resource,
+        subresource=record.subresource,
+        namespace=record.namespace,
+        name=record.name,
+    )
+
+
+def rule_allows(rule: Mapping[str, Any], call: ApiCall, *, verb: str, group: str,
+                resource: str) -> bool:
+    """Return whether one (group, resource, verb) entry of ``rule`` allows ``call``."""
+    if verb not in ("*", call.verb):
+        return False
+    if group not in ("*", call.api_group):
+        return False
+    if call.subresource:
+        wanted = {f"{call.resource}/{call.subresource}", f"*/{call.subresource}", "*"}
+    else:
+        wanted = {call.resource, "*"}
+    if resource not in wanted:
+        return False
+
+    # resourceNames limit a rule to named objects, so calls without a name are not allowed.
+    names = rule.get("resourceNames") or []
+    return not names or call.name in names
+
+
+def grant_applies(grant: Grant, call: ApiCall) -> bool:
+    """Return whether a grant's scope includes the call's namespace."""
+    if grant.namespace is None:
+        return True
+    return call.namespace == grant.namespace
+
+
+def compare_rbac(
+    records: Iterable[CallRecord | ApiCall], grants: Sequence[Grant]
+) -> RbacComparison:
+    """Return the calls no grant allows and the granted permissions no call used.
+
+    Requests to non-resource URLs (discovery under /api and /apis, /version) are left out,
+    because every authenticated client may send them through the system:discovery role.
+    """
+    calls = [record if isinstance(record, ApiCall) else as_call(record) for record in records]
+    calls = [call for call in calls if call.resource]
+
+    used: set[Permission] = set()
+    uncovered: list[ApiCall] = []
+    for call in calls:
+        covered = False
+        for grant in grants:
+            if not grant_applies(grant, call):
+                continue
+            for rule in grant.rules:
+                entries = itertools.product(
+                    rule.get("verbs", []), rule.get("apiGroups", []), rule.get("resources", [])
+                )
+                for verb, group, resource in entries:
+                    if rule_allows(rule, call, verb=verb, group=group, resource=resource):
+                        covered = True
+                        used.add(Permission(grant.name, grant.namespace, group, resource, verb))
+        if not covered and call not in uncovered:
+            uncovered.append(call)
+
+    unused: list[Permission] = []
+    for grant in grants:
+        for rule in grant.rules:
+            entries = itertools.product(
+                rule.get("apiGroups", []), rule.get("resources", []), rule.get("verbs", [])
+            )
+            for group, resource, verb in entries:
+                permission = Permission(grant.name, grant.namespace, group, resource, verb)
+                if permission not in used and permission not in unused:
+                    unused.append(permission)
+    return RbacComparison(uncovered_calls=uncovered, unused_permissions=unused)
+
+
+def operator_grants(manifests: Sequence[Mapping[str, Any]]) -> list[Grant]:
+    """Return the Roles and ClusterRoles that bindings in ``manifests`` give the operator."""
+    roles = {
+        (document["kind"], document["metadata"]["name"], document["metadata"].get("namespace")):
+            document
+        for document in manifests
+        if document.get("kind") in ("Role", "ClusterRole")
+    }
+    grants: list[Grant] = []
+    for binding in manifests:
+        if binding.get("kind") not in ("RoleBinding", "ClusterRoleBinding"):
+            continue
+        subjects = binding.get("subjects") or []
+        binds_operator = any(
+            subject.get("kind") == "ServiceAccount"
+            and subject.get("name") == OPERATOR_SERVICE_ACCOUNT
+            and subject.get("namespace") == OPERATOR_NAMESPACE
+            for subject in subjects
+        )
+        if not binds_operator:
+            continue
+
+        # A RoleBinding grants in its own namespace, even when it refers to a ClusterRole.
+        scope = binding["metadata"].get("namespace") if binding["kind"] == "RoleBinding" else None
+        role_ref = binding["roleRef"]
+        role_namespace = scope if role_ref["kind"] == "Role" else None
+        role = roles.get((role_ref["kind"], role_ref["name"], role_namespace))
+        assert role is not None, f"{binding['kind']} {binding['metadata']['name']} refers to " \
+            f"{role_ref['kind']} {role_ref['name']}, which the manifests do not contain"
+        grants.append(Grant(role_ref["kind"], role_ref["name"], scope, tuple(role["rules"])))
+    return grants
+
+
+def render(kustomization: Path) -> list[dict[str, Any]]:
+    completed = subprocess.run(
+        ["kubectl", "kustomize", str(kustomization)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return [document for document in yaml.safe_load_all(completed.stdout) if document]
+
+
+CLUSTER_ROLE = Grant(
+    kind="ClusterRole",
+    name="operator",
+    namespace=None,
+    rules=(
+        {"apiGroups": ["dbsync.io"], "resources": ["databasesyncs"],
+         "verbs": ["list", "watch", "patch"]},
+        {"apiGroups": ["dbsync.io"], "resources": ["databasesyncs/status"], "verbs": ["patch"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+    ),
+)
+
+
+def test_compare_rbac_finds_uncovered_call() -> None:
+    calls = [
+        ApiCall("list", "dbsync.io", "databasesyncs"),
+        ApiCall("watch", "dbsync.io", "databasesyncs"),
+        ApiCall("patch", "dbsync.io", "databasesyncs", namespace="payments", name="uat"),
+        ApiCall("patch", "dbsync.io", "databasesyncs", "status", "payments", "uat"),
+        ApiCall("get", "", "secrets", namespace="payments", name="uat-owner"),
+        ApiCall("list", "", "secrets", namespace="payments"),
+    ]
+
+    comparison = compare_rbac(calls, [CLUSTER_ROLE])
+
+    assert comparison.uncovered_calls == [ApiCall("list", "", "secrets", namespace="payments")]
+    assert comparison.unused_permissions == []
+
+
+def test_compare_rbac_finds_unused_permission() -> None:
+    calls = [
+        ApiCall("list", "dbsync.io", "databasesyncs"),
+        ApiCall("watch", "dbsync.io", "databasesyncs"),
+        ApiCall("patch", "dbsync.io", "databasesyncs", "status", "payments", "uat"),
+        ApiCall("get", "", "secrets", namespace="payments", name="uat-owner"),
+    ]
+
+    comparison = compare_rbac(calls, [CLUSTER_ROLE])
+
+    assert comparison.uncovered_calls == []
+    assert comparison.unused_permissions == [
+        Permission("operator", None, "dbsync.io", "databasesyncs", "patch")
+    ]
+
+
+def test_compare_rbac_subresource_needs_own_rule() -> None:
+    """A rule on databasesyncs does not allow patching databasesyncs/status."""
+    grant = Grant("ClusterRole", "operator", None, (
+        {"apiGroups": ["dbsync.io"], "resources": ["databasesyncs"], "verbs": ["patch"]},
+    ))
+    call = ApiCall("patch", "dbsync.io", "databasesyncs", "status", "payments", "uat")
+
+    comparison = compare_rbac([call], [grant])
+
+    assert comparison.uncovered_calls == [call]
+
+
+def test_compare_rbac_matches_api_group() -> None:
+    """events in the core group and in events.k8s.io are different resources."""
+    grant = Grant("ClusterRole", "operator", None, (
+        {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
+    ))
+    call = ApiCall("create", "", "events", namespace="payments")
+
+    comparison = compare_rbac([call], [grant])
+
+    assert comparison.uncovered_calls == [call]
+
+
+def test_compare_rbac_role_limited_to_namespace() -> None:
+    """A Role allows calls in its namespace only, and never cluster-wide lists."""
+    grant = Grant("Role", "operator", "payments", (
+        {"apiGroups": ["dbsync.io"], "resources": ["databasesyncs"], "verbs": ["list"]},
+    ))
+    inside = ApiCall("list", "dbsync.io", "databasesyncs", namespace="payments")
+    elsewhere = ApiCall("list", "dbsync.io", "databasesyncs", namespace="cards")
+    cluster_wide = ApiCall("list", "dbsync.io", "databasesyncs")
+
+    comparison = compare_rbac([inside, elsewhere, cluster_wide], [grant])
+
+    assert comparison.uncovered_calls == [elsewhere, cluster_wide]
+
+
+def test_compare_rbac_wildcards_and_resource_names() -> None:
+    grant = Grant("ClusterRole", "operator", None, (
+        {"apiGroups": ["*"], "resources": ["*"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["update"],
+         "resourceNames": ["dbsync-settings"]},
+    ))
+    named = ApiCall("update", "", "configmaps", namespace="dbsync-system", name="dbsync-settings")
+    other = ApiCall("update", "", "configmaps", namespace="dbsync-system", name="other")
+    anything = ApiCall("get", "apps", "deployments", namespace="dbsync-system", name="operator")
+
+    comparison = compare_rbac([named, other, anything], [grant])
+
+    assert comparison.uncovered_calls == [other]
+    assert comparison.unused_permissions == []
+
+
+def test_compare_rbac_ignores_non_resource_urls() -> None:
+    """Discovery requests (/api, /apis) carry no resource and need no rule."""
+    comparison = compare_rbac([ApiCall("get", "", "")], [])
+
+    assert comparison.uncovered_calls == []
+
+
+def test_operator_grants_follow_bindings() -> None:
+    """Only roles bound to the operator's ServiceAccount count, with the binding's scope."""
+    manifests: list[dict[str, Any]] = [
+        {"kind": "ClusterRole", "metadata": {"name": "dbsync-operator"}, "rules": [{"x": 1}]},
+        {"kind": "ClusterRole", "metadata": {"name": "unbound"}, "rules": [{"y": 2}]},
+        {"kind": "Role", "metadata": {"name": "reader", "namespace": "payments"},
+         "rules": [{"z": 3}]},
+        {"kind": "ClusterRoleBinding", "metadata": {"name": "dbsync-operator"},
+         "roleRef": {"kind": "ClusterRole", "name": "dbsync-operator"},
+         "subjects": [{"kind": "ServiceAccount", "name": "dbsync-operator",
+                       "namespace": "dbsync-system"}]},
+        {"kind": "RoleBinding", "metadata": {"name": "reader", "namespace": "payments"},
+         "roleRef": {"kind": "Role", "name": "reader"},
+         "subjects": [{"kind": "ServiceAccount", "name": "dbsync-operator",
+                       "namespace": "dbsync-system"}]},
+        {"kind": "ClusterRoleBinding", "metadata": {"name": "someone-else"},
+         "roleRef": {"kind": "ClusterRole", "name": "unbound"},
+         "subjects": [{"kind": "ServiceAccount", "name": "other", "namespace": "default"}]},
+    ]
+
+    grants = operator_grants(manifests)
+
+    assert grants == [
+        Grant("ClusterRole", "dbsync-operator", None, ({"x": 1},)),
+        Grant("Role", "reader", "payments", ({"z": 3},)),
+    ]
