@@ -1,0 +1,489 @@
+"""The ledger checks: one function per check, each returning counts, keys and amounts.
+
+Each check first runs one summary query (rows examined and violation count in a single
+pass) and, only when it found violations, a second query for the first offending keys.  A
+passing ledger therefore costs one scan per check.  Both queries run inside the caller's
+snapshot, so they see the same rows.  Amounts go only into ``details``, which the caller
+keeps out of status and logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+import psycopg
+from psycopg import sql
+
+from dbsync.pipeline.ledger_config import AmountStyle, DateSource
+from dbsync.pipeline.ledger_sql import LedgerSchema, exact_value
+
+Connection = psycopg.Connection[tuple[object, ...]]
+
+NULL_KEY = "(null)"
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    """What a check found; the caller adds its name, status and duration."""
+
+    rows_examined: int
+    violations: int
+    offending_keys: tuple[str, ...]
+    message: str
+    details: Mapping[str, object] = field(default_factory=dict)
+
+
+def _as_int(value: object) -> int:
+    if value is None:
+        return 0
+    assert isinstance(value, int | Decimal)
+    return int(value)
+
+
+def _as_amount(value: object) -> str | None:
+    """Render an amount for the audit trail as exact decimal text."""
+    if value is None:
+        return None
+    return str(value)
+
+
+def _key(value: object) -> str:
+    return NULL_KEY if value is None else str(value)
+
+
+def _fetch_one(connection: Connection, query: sql.Composed) -> tuple[object, ...]:
+    row = connection.execute(query).fetchone()
+    assert row is not None, "an aggregate query returns one row"
+    return row
+
+
+def _plural(count: int, singular: str, plural: str | None = None) -> str:
+    return f"{count} {singular if count == 1 else (plural or singular + 's')}"
+
+
+def _float_note(schema: LedgerSchema) -> str:
+    if not schema.float_columns:
+        return ""
+    return ("; sums were computed exactly from the text form of floating-point column "
+            f"{', '.join(schema.float_columns)}")
+
+
+def _transaction_key(schema: LedgerSchema, transaction: object, currency: object) -> str:
+    """Transaction id, followed by the currency when postings carry a currency column."""
+    if schema.currency is None:
+        return _key(transaction)
+    return f"{_key(transaction)}/{_key(currency)}"
+
+
+def check_transaction_balance(schema: LedgerSchema, connection: Connection, *,
+                              limit: int) -> CheckOutcome:
+    """Check that every transaction nets to zero in each of its currencies.
+
+    Grouping by currency as well as transaction makes a USD debit and an equal EUR credit
+    two unbalanced groups instead of a balanced pair.  A leg whose amount or side is unknown
+    makes its group unprovable, so it counts as a violation rather than dropping out of SUM.
+    """
+    net = schema.net_value()
+    grouped = sql.SQL(
+        "SELECT {txn} AS txn, {currency} AS currency, sum({net}) AS net, count(*) AS legs, "
+        "count(*) FILTER (WHERE {net} IS NULL) AS unknown_legs "
+        "FROM {postings} GROUP BY {txn}, {currency}"
+    ).format(txn=schema.transaction_ref, currency=schema.currency_ref, net=net,
+             postings=schema.postings_table)
+    violation = sql.SQL("(g.net <> 0 OR g.unknown_legs > 0)")
+
+    rows, violations, unknown_legs = _fetch_one(connection, sql.SQL(
+        "SELECT coalesce(sum(g.legs), 0), count(*) FILTER (WHERE {violation}), "
+        "coalesce(sum(g.unknown_legs), 0) FROM ({grouped}) AS g"
+    ).format(violation=violation, grouped=grouped))
+    violation_count = _as_int(violations)
+
+    keys: list[str] = []
+    unbalanced: list[dict[str, object]] = []
+    if violation_count:
+        for transaction, currency, group_net, group_unknown in connection.execute(sql.SQL(
+            "SELECT g.txn, g.currency, g.net, g.unknown_legs FROM ({grouped}) AS g "
+            "WHERE {violation} ORDER BY g.txn, g.currency LIMIT {limit}"
+        ).format(grouped=grouped, violation=violation, limit=sql.Literal(limit))):
+            keys.append(_transaction_key(schema, transaction, currency))
+            unbalanced.append({"transaction_id": _key(transaction), "currency": _key(currency),
+                               "net": _as_amount(group_net),
+                               "unknown_legs": _as_int(group_unknown)})
+
+    message = (f"{_plural(violation_count, 'transaction/currency group')} "
+               f"{'does' if violation_count == 1 else 'do'} not net to zero")
+    if _as_int(unknown_legs):
+        message += f"; {_plural(_as_int(unknown_legs), 'leg')} with a NULL amount or unknown side"
+    return CheckOutcome(rows_examined=_as_int(rows), violations=violation_count,
+                        offending_keys=tuple(keys), message=message + _float_note(schema),
+                        details={"unbalanced": unbalanced})
+
+
+def check_minimum_legs(schema: LedgerSchema, connection: Connection, *,
+                       limit: int) -> CheckOutcome:
+    """Check that every transaction has at least one debit leg and one credit leg."""
+    grouped = sql.SQL(
+        "SELECT {txn} AS txn, count(*) AS legs, count(*) FILTER (WHERE {debit}) AS debit_legs, "
+        "count(*) FILTER (WHERE {credit}) AS credit_legs FROM {postings} GROUP BY {txn}"
+    ).format(txn=schema.transaction_ref, debit=schema.is_debit(), credit=schema.is_credit(),
+             postings=schema.postings_table)
+    violation = sql.SQL("(g.debit_legs = 0 OR g.credit_legs = 0)")
+
+    rows, violations = _fetch_one(connection, sql.SQL(
+        "SELECT coalesce(sum(g.legs), 0), count(*) FILTER (WHERE {violation}) "
+        "FROM ({grouped}) AS g").format(violation=violation, grouped=grouped))
+    violation_count = _as_int(violations)
+
+    keys: list[str] = []
+    one_sided: list[dict[str, object]] = []
+    if violation_count:
+        for transaction, debit_legs, credit_legs in connection.execute(sql.SQL(
+            "SELECT g.txn, g.debit_legs, g.credit_legs FROM ({grouped}) AS g "
+            "WHERE {violation} ORDER BY g.txn LIMIT {limit}"
+        ).format(grouped=grouped, violation=violation, limit=sql.Literal(limit))):
+            keys.append(_key(transaction))
+            one_sided.append({"transaction_id": _key(transaction),
+                              "debit_legs": _as_int(debit_legs),
+                              "credit_legs": _as_int(credit_legs)})
+
+    message = (f"{_plural(violation_count, 'transaction')} "
+               f"{'lacks' if violation_count == 1 else 'lack'} a debit or a credit leg")
+    return CheckOutcome(rows_examined=_as_int(rows), violations=violation_count,
+                        offending_keys=tuple(keys), message=message,
+                        details={"one_sided": one_sided})
+
+
+def check_trial_balance(schema: LedgerSchema, connection: Connection, *,
+                        limit: int) -> CheckOutcome:
+    """Check that total debits equal total credits in each currency."""
+    net = schema.net_value()
+    rows = connection.execute(sql.SQL(
+        "SELECT {currency}, count(*), count(*) FILTER (WHERE {net} IS NULL), "
+        "sum({debit}), sum({credit}) FROM {postings} GROUP BY 1 ORDER BY 1"
+    ).format(currency=schema.currency_ref, net=net, debit=schema.debit_value(),
+             credit=schema.credit_value(), postings=schema.postings_table)).fetchall()
+
+    examined = 0
+    unknown_total = 0
+    keys: list[str] = []
+    totals: list[dict[str, object]] = []
+    for currency, count, unknown, debits, credits in rows:
+        examined += _as_int(count)
+        unknown_total += _as_int(unknown)
+        debit_total = debits if isinstance(debits, Decimal | int) else 0
+        credit_total = credits if isinstance(credits, Decimal | int) else 0
+        balanced = debit_total == credit_total and not _as_int(unknown)
+        if not balanced:
+            keys.append(_key(currency))
+        totals.append({"currency": _key(currency), "debits": _as_amount(debit_total),
+                       "credits": _as_amount(credit_total),
+                       "difference": _as_amount(debit_total - credit_total),
+                       "unknown_legs": _as_int(unknown), "balanced": balanced})
+
+    message = (f"{_plural(len(keys), 'currency', 'currencies')} out of {len(rows)} "
+               f"{'has' if len(keys) == 1 else 'have'} debits unequal to credits")
+    if unknown_total:
+        message += f"; {_plural(unknown_total, 'leg')} with a NULL amount or unknown side"
+    return CheckOutcome(rows_examined=examined, violations=len(keys),
+                        offending_keys=tuple(keys[:limit]),
+                        message=message + _float_note(schema), details={"totals": totals})
+
+
+def check_stored_balances(schema: LedgerSchema, connection: Connection, *,
+                          limit: int) -> CheckOutcome:
+    """Check that each account's stored balance equals the net of its postings.
+
+    A debit-normal account's balance is its debits minus its credits and a credit-normal
+    account's the reverse.  An account without postings must hold zero.
+    """
+    assert schema.accounts is not None
+    net = schema.net_value()
+    joined = sql.SQL(
+        "SELECT {account_id} AS account, {stored} AS stored, "
+        "{sign} * coalesce(posted.net, 0) AS expected, {sign} AS sign, "
+        "coalesce(posted.legs, 0) AS legs, coalesce(posted.unknown_legs, 0) AS unknown_legs "
+        "FROM {accounts} AS a LEFT JOIN ("
+        "SELECT {posting_account} AS account, sum({net}) AS net, count(*) AS legs, "
+        "count(*) FILTER (WHERE {net} IS NULL) AS unknown_legs "
+        "FROM {postings} GROUP BY 1) AS posted ON posted.account = {account_id}"
+    ).format(account_id=schema.account_id_ref(), stored=schema.account_balance_value(),
+             sign=schema.account_sign(), accounts=schema.accounts.identifier,
+             posting_account=schema.account_ref, net=net, postings=schema.postings_table)
+    violation = sql.SQL("(j.stored IS NULL OR j.sign IS NULL OR j.unknown_legs > 0 "
+                        "OR j.stored <> j.expected)")
+
+    accounts, legs, violations = _fetch_one(connection, sql.SQL(
+        "SELECT count(*), coalesce(sum(j.legs), 0), count(*) FILTER (WHERE {violation}) "
+        "FROM ({joined}) AS j").format(violation=violation, joined=joined))
+    violation_count = _as_int(violations)
+
+    keys: list[str] = []
+    drifted: list[dict[str, object]] = []
+    if violation_count:
+        for account, stored, expected, sign, unknown in connection.execute(sql.SQL(
+            "SELECT j.account, j.stored, j.expected, j.sign, j.unknown_legs FROM ({joined}) AS j "
+            "WHERE {violation} ORDER BY j.account LIMIT {limit}"
+        ).format(joined=joined, violation=violation, limit=sql.Literal(limit))):
+            keys.append(_key(account))
+            drifted.append({"account_id": _key(account), "stored": _as_amount(stored),
+                            "expected": _as_amount(expected),
+                            "unknown_normal_side": sign is None,
+                            "unknown_legs": _as_int(unknown)})
+
+    message = (f"{_plural(violation_count, 'account')} out of {_as_int(accounts)} "
+               f"{'has' if violation_count == 1 else 'have'} a stored balance unequal to "
+               "the net of its postings")
+    return CheckOutcome(rows_examined=_as_int(accounts) + _as_int(legs),
+                        violations=violation_count, offending_keys=tuple(keys),
+                        message=message + _float_note(schema), details={"accounts": drifted})
+
+
+def _field_rules(schema: LedgerSchema) -> list[tuple[str, sql.Composable]]:
+    """Return (rule, condition) pairs; each condition is true for a row breaking the rule."""
+    rules: list[tuple[str, sql.Composable]] = [
+        ("NULL transaction id", sql.SQL("{} IS NULL").format(schema.transaction_ref)),
+        ("NULL amount", sql.SQL("({})").format(schema.amount_is_null())),
+    ]
+    if schema.currency is not None:
+        rules.append(("NULL currency", sql.SQL("{} IS NULL").format(schema.currency_ref)))
+    if schema.account is not None:
+        rules.append(("NULL account", sql.SQL("{} IS NULL").format(schema.account_ref)))
+
+    style = schema.config.postings.style
+    if style is AmountStyle.SIDE:
+        rules.append(("unknown side", sql.SQL("NOT coalesce({} OR {}, false)").format(
+            schema.is_debit(), schema.is_credit())))
+        assert schema.amount is not None
+        rules.append(("non-positive amount", sql.SQL("{} <= 0").format(
+            exact_value("p", schema.amount))))
+    elif style is AmountStyle.SIGNED:
+        rules.append(("zero amount", sql.SQL("{} = 0").format(schema.net_value())))
+    else:
+        rules.append(("negative debit or credit", sql.SQL("({} < 0 OR {} < 0)").format(
+            schema.debit_value(), schema.credit_value())))
+        rules.append(("both debit and credit", sql.SQL("({} <> 0 AND {} <> 0)").format(
+            schema.debit_value(), schema.credit_value())))
+
+    # Integer amounts are minor units already, so only decimal columns can carry extra digits.
+    minor_units = schema.minor_units()
+    for column in schema.amount_columns:
+        if column.is_integer:
+            continue
+        value = exact_value("p", column)
+        rules.append((f"more decimals than the currency allows in {column.name}",
+                      sql.SQL("{} <> round({}, {})").format(value, value, minor_units)))
+    return rules
+
+
+def check_field_sanity(schema: LedgerSchema, connection: Connection, *,
+                       limit: int) -> CheckOutcome:
+    """Count rows breaking a field rule, and report float money columns as findings."""
+    rules = _field_rules(schema)
+    any_rule = sql.SQL(" OR ").join(sql.SQL("coalesce({}, false)").format(condition)
+                                    for _, condition in rules)
+    counts = _fetch_one(connection, sql.SQL(
+        "SELECT count(*), count(*) FILTER (WHERE {any_rule}), {per_rule} FROM {postings}"
+    ).format(any_rule=any_rule,
+             per_rule=sql.SQL(", ").join(
+                 sql.SQL("count(*) FILTER (WHERE {})").format(condition)
+                 for _, condition in rules),
+             postings=schema.postings_table))
+    rows, bad_rows = _as_int(counts[0]), _as_int(counts[1])
+    per_rule = {name: _as_int(count) for (name, _), count in zip(rules, counts[2:], strict=True)}
+
+    keys: list[str] = []
+    if bad_rows:
+        keys = [_key(row[0]) for row in connection.execute(sql.SQL(
+            "SELECT DISTINCT {txn} FROM {postings} WHERE {any_rule} ORDER BY 1 LIMIT {limit}"
+        ).format(txn=schema.transaction_ref, postings=schema.postings_table,
+                 any_rule=any_rule, limit=sql.Literal(limit)))]
+    float_columns = schema.float_columns
+
+    broken = [f"{count} {name}" for name, count in per_rule.items() if count]
+    message = f"{_plural(bad_rows, 'row')} {'breaks' if bad_rows == 1 else 'break'} a field rule"
+    if broken:
+        message += f" ({', '.join(broken)})"
+    if float_columns:
+        message += (f"; money stored as floating point in {', '.join(float_columns)}: "
+                    "use numeric or integer minor units")
+    return CheckOutcome(rows_examined=rows, violations=bad_rows + len(float_columns),
+                        offending_keys=tuple(keys), message=message,
+                        details={"rules": per_rule, "float_columns": list(float_columns)})
+
+
+def check_mixed_currency(schema: LedgerSchema, connection: Connection, *,
+                         limit: int) -> CheckOutcome:
+    """Check that every transaction's legs share one currency."""
+    grouped = sql.SQL(
+        "SELECT {txn} AS txn, count(*) AS legs, min({currency}) <> max({currency}) AS mixed "
+        "FROM {postings} GROUP BY {txn}"
+    ).format(txn=schema.transaction_ref, currency=schema.currency_ref,
+             postings=schema.postings_table)
+
+    rows, violations = _fetch_one(connection, sql.SQL(
+        "SELECT coalesce(sum(g.legs), 0), count(*) FILTER (WHERE g.mixed) FROM ({grouped}) AS g"
+    ).format(grouped=grouped))
+    violation_count = _as_int(violations)
+
+    keys: list[str] = []
+    if violation_count:
+        keys = [_key(row[0]) for row in connection.execute(sql.SQL(
+            "SELECT g.txn FROM ({grouped}) AS g WHERE g.mixed ORDER BY g.txn LIMIT {limit}"
+        ).format(grouped=grouped, limit=sql.Literal(limit)))]
+
+    message = (f"{_plural(violation_count, 'transaction')} "
+               f"{'mixes' if violation_count == 1 else 'mix'} currencies")
+    return CheckOutcome(rows_examined=_as_int(rows), violations=violation_count,
+                        offending_keys=tuple(keys), message=message)
+
+
+def _distinct_keys(table: sql.Composable, column: sql.Composable, *, unique: bool,
+                   alias: str) -> sql.Composed:
+    """Join target for an anti-join: the table itself when the key is unique, else its keys."""
+    if unique:
+        return sql.SQL("{} AS {}").format(table, sql.Identifier(alias))
+    return sql.SQL("(SELECT DISTINCT {column} FROM {table}) AS {alias}").format(
+        column=column, table=table, alias=sql.Identifier(alias))
+
+
+def check_orphans(schema: LedgerSchema, connection: Connection, *, limit: int) -> CheckOutcome:
+    """Find postings without their transaction header or with an account not in accounts."""
+    joins: list[sql.Composable] = []
+    conditions: list[tuple[str, sql.Composable]] = []
+    if schema.transactions is not None:
+        assert schema.header_id is not None
+        headers = _distinct_keys(schema.transactions.identifier,
+                                 sql.Identifier(schema.header_id.name),
+                                 unique=schema.header_id.name in schema.transactions.unique_columns,
+                                 alias="h")
+        joins.append(sql.SQL("LEFT JOIN {} ON {} = {}").format(
+            headers, schema.header_id_ref(), schema.transaction_ref))
+        conditions.append(("missing transaction header", sql.SQL(
+            "({} IS NOT NULL AND {} IS NULL)").format(schema.transaction_ref,
+                                                      schema.header_id_ref())))
+    if schema.accounts is not None and schema.account is not None:
+        assert schema.account_id is not None
+        accounts = _distinct_keys(schema.accounts.identifier,
+                                  sql.Identifier(schema.account_id.name),
+                                  unique=schema.account_id.name in schema.accounts.unique_columns,
+                                  alias="a")
+        joins.append(sql.SQL("LEFT JOIN {} ON {} = {}").format(
+            accounts, schema.account_id_ref(), schema.account_ref))
+        conditions.append(("unknown account", sql.SQL("({} IS NOT NULL AND {} IS NULL)").format(
+            schema.account_ref, schema.account_id_ref())))
+
+    source = sql.SQL("{} {}").format(schema.postings_table, sql.SQL(" ").join(joins))
+    any_orphan = sql.SQL(" OR ").join(condition for _, condition in conditions)
+    counts = _fetch_one(connection, sql.SQL(
+        "SELECT count(*), count(*) FILTER (WHERE {any_orphan}), {per_kind} FROM {source}"
+    ).format(any_orphan=any_orphan, source=source,
+             per_kind=sql.SQL(", ").join(sql.SQL("count(*) FILTER (WHERE {})").format(condition)
+                                         for _, condition in conditions)))
+    rows, orphan_rows = _as_int(counts[0]), _as_int(counts[1])
+    per_kind = {name: _as_int(count)
+                for (name, _), count in zip(conditions, counts[2:], strict=True)}
+
+    keys: list[str] = []
+    if orphan_rows:
+        keys = [_key(row[0]) for row in connection.execute(sql.SQL(
+            "SELECT DISTINCT {txn} FROM {source} WHERE {any_orphan} ORDER BY 1 LIMIT {limit}"
+        ).format(txn=schema.transaction_ref, source=source, any_orphan=any_orphan,
+                 limit=sql.Literal(limit)))]
+
+    found = [f"{count} {name}" for name, count in per_kind.items() if count]
+    message = f"{_plural(orphan_rows, 'posting')} without a matching row"
+    if found:
+        message += f" ({', '.join(found)})"
+    return CheckOutcome(rows_examined=rows, violations=orphan_rows,
+                        offending_keys=tuple(keys), message=message, details={"kinds": per_kind})
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One fingerprint bucket's totals; ``row_hash`` is the sum of 64-bit row hashes."""
+
+    rows: int
+    debits: Decimal | int | None
+    credits: Decimal | int | None
+    row_hash: Decimal | int | None
+
+
+def fingerprint_buckets(schema: LedgerSchema, connection: Connection) -> dict[str, Bucket]:
+    """Compute row count, debit and credit sums and a row hash per (day, currency) bucket.
+
+    The row hash is a sum of per-row hashes, so it does not depend on row order, and unlike
+    XOR a duplicated row changes it.  Amounts are hashed with trailing zeros trimmed, so a
+    target whose column is numeric(20,4) matches a numeric(18,2) source.
+    """
+    row_parts: list[sql.Composable] = [schema.transaction_ref, *schema.normalized_amounts()]
+    if schema.side is not None:
+        row_parts.append(sql.SQL("p.{}").format(sql.Identifier(schema.side.name)))
+    row_parts.append(schema.currency_ref)
+    if schema.account is not None:
+        row_parts.append(schema.account_ref)
+    day = schema.bucket_day()
+    row_parts.append(day)
+
+    source: sql.Composable = schema.postings_table
+    if schema.header_booked_at is not None and (
+            schema.config.fingerprint.date_source is DateSource.TRANSACTIONS):
+        assert schema.transactions is not None
+        assert schema.header_id is not None
+        header_id = sql.Identifier(schema.header_id.name)
+        booked_at = sql.Identifier(schema.header_booked_at.name)
+        if schema.header_id.name in schema.transactions.unique_columns:
+            headers: sql.Composable = sql.SQL("{} AS h").format(schema.transactions.identifier)
+        else:
+            # Duplicate header ids would repeat postings, so keep one date per id.
+            headers = sql.SQL("(SELECT {id}, min({booked}) AS {booked} FROM {table} "
+                              "GROUP BY {id}) AS h").format(
+                id=header_id, booked=booked_at, table=schema.transactions.identifier)
+        source = sql.SQL("{} LEFT JOIN {} ON {} = {}").format(
+            schema.postings_table, headers, schema.header_id_ref(), schema.transaction_ref)
+
+    buckets: dict[str, Bucket] = {}
+    for bucket_day, currency, rows, debits, credits, row_hash in connection.execute(sql.SQL(
+        "SELECT {day}, {currency}, count(*), sum({debit}), sum({credit}), "
+        "sum(hashtextextended(ROW({row})::text, 0)) FROM {source} GROUP BY 1, 2"
+    ).format(day=day, currency=schema.currency_ref, debit=schema.debit_value(),
+             credit=schema.credit_value(), row=sql.SQL(", ").join(row_parts), source=source)):
+        key = f"{_key(bucket_day)}/{_key(currency)}"
+        buckets[key] = Bucket(
+            rows=_as_int(rows),
+            debits=debits if isinstance(debits, Decimal | int) else None,
+            credits=credits if isinstance(credits, Decimal | int) else None,
+            row_hash=row_hash if isinstance(row_hash, Decimal | int) else None,
+        )
+    return buckets
+
+
+def compare_fingerprints(source: Mapping[str, Bucket], target: Mapping[str, Bucket], *,
+                         limit: int) -> CheckOutcome:
+    """Compare source and target buckets and name those that differ."""
+    differing = sorted(key for key in source.keys() | target.keys()
+                       if source.get(key) != target.get(key))
+    only_source = sum(1 for key in differing if key not in target)
+    only_target = sum(1 for key in differing if key not in source)
+
+    def describe(bucket: Bucket | None) -> dict[str, object] | None:
+        if bucket is None:
+            return None
+        return {"rows": bucket.rows, "debits": _as_amount(bucket.debits),
+                "credits": _as_amount(bucket.credits)}
+
+    details: Sequence[dict[str, object]] = [
+        {"bucket": key, "source": describe(source.get(key)), "target": describe(target.get(key))}
+        for key in differing[:limit]
+    ]
+    message = (f"{_plural(len(differing), 'bucket')} of "
+               f"{len(source.keys() | target.keys())} "
+               f"{'differs' if len(differing) == 1 else 'differ'} between source and target")
+    if only_source or only_target:
+        message += f" ({only_source} only in source, {only_target} only in target)"
+    rows = sum(bucket.rows for bucket in target.values())
+    return CheckOutcome(rows_examined=rows, violations=len(differing),
+                        offending_keys=tuple(differing[:limit]), message=message,
+                        details={"buckets": list(details),
+                                 "source_rows": sum(b.rows for b in source.values())})
