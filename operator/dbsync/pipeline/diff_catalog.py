@@ -164,8 +164,6 @@ WHERE c.relkind IN ('r', 'p') AND {_user_schema('n')}
   AND {_not_extension_member('pg_class', 'c.oid')}
 """
 
-# Columns of partitions are left out: PostgreSQL forces a partition's columns to match its
-# parent's, so they would repeat every parent difference once per partition.
 _COLUMNS_SQL = f"""
 SELECT n.nspname, c.relname, a.attname,
   quote_ident(n.nspname) || '.' || quote_ident(c.relname) || '.' || quote_ident(a.attname),
@@ -192,7 +190,7 @@ JOIN pg_type t ON t.oid = a.atttypid
 LEFT JOIN pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum
 LEFT JOIN pg_description d
   ON d.objoid = c.oid AND d.classoid = 'pg_class'::regclass AND d.objsubid = a.attnum
-WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND a.attnum > 0
+WHERE c.relkind IN ('r', 'p') AND a.attnum > 0
   AND NOT a.attisdropped AND {_user_schema('n')}
   AND {_not_extension_member('pg_class', 'c.oid')}
 """

@@ -58,6 +58,12 @@ DBSYNC_NAME_PREFIX = "dbsync_"
 # Kinds that can own other objects (columns, indexes, constraints, triggers, policies).
 _CONTAINER_KINDS = ("table", "view", "materialized_view")
 
+# Properties compared only when the gating property has a value on both sides: an identity
+# column's sequence options are part of the identity difference when one side has none.
+_GATED_PROPERTIES: Mapping[tuple[str, str], str] = MappingProxyType({
+    ("column", "identity_sequence"): "identity",
+})
+
 # Properties whose differences never change behaviour.
 _LOW_SEVERITY_PROPERTIES = frozenset({"comment", COLUMN_ORDER})
 
@@ -431,6 +437,20 @@ def _owner_on_both_sides(item: CatalogObject, this_side: ObjectsByKind,
                for kind in _CONTAINER_KINDS)
 
 
+def _is_partition_on_both_sides(table_key: tuple[str, ...], source: ObjectsByKind,
+                                target: ObjectsByKind) -> bool:
+    """Tell whether a table is a partition in both databases.
+
+    PostgreSQL forces a partition's columns to match its parent's, so comparing them again
+    would repeat each parent difference once per partition.
+    """
+    for side in (source, target):
+        table = side["table"].get(table_key)
+        if table is None or table.property_map().get("partition") is None:
+            return False
+    return True
+
+
 def _compare_kind(kind: str, source: ObjectsByKind, target: ObjectsByKind) -> list[Difference]:
     differences: list[Difference] = []
     source_items = source[kind]
@@ -439,6 +459,8 @@ def _compare_kind(kind: str, source: ObjectsByKind, target: ObjectsByKind) -> li
     for key in sorted(source_items.keys() | target_items.keys()):
         source_item = source_items.get(key)
         target_item = target_items.get(key)
+        if kind == "column" and _is_partition_on_both_sides(key[:2], source, target):
+            continue
 
         if target_item is None:
             assert source_item is not None
@@ -454,13 +476,19 @@ def _compare_kind(kind: str, source: ObjectsByKind, target: ObjectsByKind) -> li
                                                ABSENT, PRESENT, _extra_hazard(target_item)))
             continue
 
+        source_properties = source_item.property_map()
         target_properties = target_item.property_map()
         for property_name, source_value in source_item.properties:
             target_value = target_properties.get(property_name)
-            if source_value != target_value:
-                differences.append(_difference(
-                    kind, source_item.name, property_name, source_value, target_value,
-                    _property_hazard(kind, property_name, source_value, target_value)))
+            if source_value == target_value:
+                continue
+            gate = _GATED_PROPERTIES.get((kind, property_name))
+            if gate is not None and (
+                    source_properties.get(gate) is None or target_properties.get(gate) is None):
+                continue
+            differences.append(_difference(
+                kind, source_item.name, property_name, source_value, target_value,
+                _property_hazard(kind, property_name, source_value, target_value)))
     return differences
 
 
@@ -470,6 +498,8 @@ def _compare_column_order(source: ObjectsByKind, target: ObjectsByKind) -> list[
     target_orders = _column_orders(target)
     differences: list[Difference] = []
     for table_key in sorted(source_orders.keys() & target_orders.keys()):
+        if _is_partition_on_both_sides(table_key, source, target):
+            continue
         source_columns = source_orders[table_key]
         target_columns = target_orders[table_key]
         shared = set(source_columns) & set(target_columns)
