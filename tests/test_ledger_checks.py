@@ -118,7 +118,7 @@ def test_null_amounts_are_reported_by_balance_checks(ledger_dsn: str) -> None:
     assert "NULL amount" in by_name[CheckName.TRANSACTION_BALANCE].message
     assert by_name[CheckName.TRIAL_BALANCE].status is CheckStatus.FAIL
     assert by_name[CheckName.FIELD_SANITY].violations == 1
-    assert by_name[CheckName.FIELD_SANITY].details["rules"] == {  # type: ignore[comparison-overlap]
+    assert by_name[CheckName.FIELD_SANITY].details["rules"] == {
         "NULL transaction id": 0, "NULL amount": 1, "NULL currency": 0, "NULL account": 0,
         "unknown side": 0, "non-positive amount": 0,
         "more decimals than the currency allows in amount": 0}
@@ -139,7 +139,7 @@ def test_real_column_imbalance_found_exactly(ledger_dsn: str) -> None:
     balance, sanity = result.checks
     assert balance.status is CheckStatus.FAIL
     assert balance.offending_keys == ("9/USD",)
-    assert balance.details["unbalanced"] == [  # type: ignore[comparison-overlap]
+    assert balance.details["unbalanced"] == [
         {"transaction_id": "9", "currency": "USD", "net": "0.01", "unknown_legs": 0}]
     assert sanity.status is CheckStatus.FAIL
     assert f"{books.schema}.postings.amount (real)" in sanity.message

@@ -72,7 +72,7 @@ class CheckStatus(StrEnum):
 
 @dataclass(frozen=True)
 class CheckResult:
-    """Result of one check.  ``details`` holds amounts and belongs in the audit trail only."""
+    """Result of one check.  ``details`` contains amounts and belongs in the audit trail only."""
 
     name: CheckName
     status: CheckStatus

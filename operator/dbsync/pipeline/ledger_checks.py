@@ -26,7 +26,7 @@ NULL_KEY = "(null)"
 
 @dataclass(frozen=True)
 class CheckOutcome:
-    """What a check found; the caller adds its name, status and duration."""
+    """Findings of one check, to which the caller adds its name, status and duration."""
 
     rows_examined: int
     violations: int
