@@ -215,8 +215,9 @@ CASES: tuple[DiffCase, ...] = (
           "CREATE TABLE labels (id int, kind int NOT NULL, CONSTRAINT labels_pkey "
           "PRIMARY KEY (id))",
           ("constraint", "public.labels.labels_pkey", "definition", WARNING)),
-    _case("constraint unique", "ALTER TABLE accounts ADD CONSTRAINT accounts_code_key UNIQUE (code)",
-          "", ("constraint", "public.accounts.accounts_code_key", "exists", WARNING)),
+    _case("constraint unique",
+          "ALTER TABLE accounts ADD CONSTRAINT accounts_code_key UNIQUE (code)", "",
+          ("constraint", "public.accounts.accounts_code_key", "exists", WARNING)),
     _case("constraint unique nulls not distinct",
           "ALTER TABLE accounts ADD CONSTRAINT accounts_code_key UNIQUE NULLS NOT DISTINCT (code)",
           "ALTER TABLE accounts ADD CONSTRAINT accounts_code_key UNIQUE (code)",
@@ -291,7 +292,8 @@ CASES: tuple[DiffCase, ...] = (
           INDEX_PARTITIONS,
           ("index", "public.ledger_2024_id_idx", "parent_index", SAFE)),
     # Sequences.
-    _case("sequence missing", _sequence(), "", ("sequence", "public.invoice_numbers", "exists", SAFE)),
+    _case("sequence missing", _sequence(), "",
+          ("sequence", "public.invoice_numbers", "exists", SAFE)),
     _case("sequence type", _sequence("bigint"), _sequence("integer"),
           ("sequence", "public.invoice_numbers", "type", WARNING)),
     _case("sequence bounds", _sequence(maximum=1000000), _sequence(maximum=999),
