@@ -1,0 +1,196 @@
+"""The API emulator driven by kopf's real runtime: handlers, finalizers, status, 410 Gone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+import pytest
+import yaml
+
+from dbsync.testing.kubeapi import KubeApiServer
+from tests.kubeapi_client import WIDGETS, ApiClient, client_for
+from tests.kubeapi_fixtures import kubeapi  # noqa: F401
+from tests.kubeapi_manifests import GROUP, PLURAL, VERSION, widget
+
+FINALIZER = "example.dbsync.io/finalizer"
+MERGE = "application/merge-patch+json"
+
+
+@dataclass
+class HandlerCalls:
+    """What the test operator's handlers saw, shared with the test thread."""
+
+    calls: list[tuple[str, str, Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, event: str, name: str, detail: Any) -> None:
+        with self.lock:
+            self.calls.append((event, name, detail))
+
+    def seen(self, event: str, name: str) -> list[Any]:
+        with self.lock:
+            return [detail for kind, who, detail in self.calls if (kind, who) == (event, name)]
+
+
+def build_registry(server: KubeApiServer, calls: HandlerCalls) -> kopf.OperatorRegistry:
+    """Register a small operator for Widgets: create, spec update and delete handlers."""
+    registry = kopf.OperatorRegistry()
+    assert server.kubeconfig_path is not None
+    config = yaml.safe_load(server.kubeconfig_path.read_text())
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        # Why parse the file: it is the kubeconfig clients get, and kopf's own kubeconfig
+        # login reads only $KUBECONFIG, which tests must not set process-wide.
+        return kopf.ConnectionInfo(server=config["clusters"][0]["cluster"]["server"],
+                                   token=config["users"][0]["user"]["token"],
+                                   default_namespace="default")
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.persistence.finalizer = FINALIZER
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+            prefix="example.dbsync.io")
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix="example.dbsync.io", key="last-handled")
+        settings.posting.enabled = False
+        settings.watching.server_timeout = 30
+
+    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry, id="widget-create")
+    def on_create(name: str, spec: Any, patch: kopf.Patch, **_: Any) -> None:
+        calls.add("create", name, spec.get("replicas"))
+        patch.status["conditions"] = [{"type": "Ready", "status": "True", "reason": "Synced"}]
+
+    @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry, id="widget-update",
+                    field="spec")
+    def on_update(name: str, new: Any, patch: kopf.Patch, **_: Any) -> None:
+        calls.add("update", name, new.get("replicas"))
+        patch.status["observedGeneration"] = 2
+
+    @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, id="widget-delete")
+    def on_delete(name: str, **_: Any) -> None:
+        calls.add("delete", name, None)
+
+    return registry
+
+
+@dataclass
+class RunningOperator:
+    """A kopf operator in a thread with its own event loop."""
+
+    calls: HandlerCalls
+    thread: threading.Thread
+    stop: threading.Event
+
+
+@pytest.fixture
+def operator(kubeapi: KubeApiServer) -> Iterator[RunningOperator]:  # noqa: F811
+    """Install the Widget CRD and run the test operator until the test ends."""
+    client_for(kubeapi).install_widget_crd()
+    calls = HandlerCalls()
+    registry = build_registry(kubeapi, calls)
+    stop = threading.Event()
+    ready = threading.Event()
+
+    def run() -> None:
+        asyncio.run(kopf.operator(registry=registry, standalone=True, namespaces=["default"],
+                                  stop_flag=stop, ready_flag=ready))
+
+    thread = threading.Thread(target=run, name="kopf-operator", daemon=True)
+    thread.start()
+    assert ready.wait(timeout=30), "kopf did not become ready"
+    yield RunningOperator(calls, thread, stop)
+    stop.set()
+    thread.join(timeout=30)
+
+
+def wait_until(condition: Callable[[], Any], *, timeout_seconds: float = 15) -> Any:
+    """Poll ``condition`` until it returns a true value; fail with a clear message."""
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout_seconds} s: {condition}")
+
+
+def stored(server: KubeApiServer, name: str) -> dict[str, Any] | None:
+    return server.get_object(GROUP, VERSION, PLURAL, "default", name)
+
+
+def create(client: ApiClient, name: str, **spec: Any) -> None:
+    reply = client.call("POST", WIDGETS, widget(name, **spec))
+    assert reply.status == 201, reply.body
+
+
+def test_kopf_sees_create_and_patches_status(
+    kubeapi: KubeApiServer, operator: RunningOperator  # noqa: F811
+) -> None:
+    """kopf runs the create handler, adds its finalizer and writes status."""
+    create(client_for(kubeapi), "one", replicas=2)
+    assert wait_until(lambda: operator.calls.seen("create", "one")) == [2]
+    obj = wait_until(lambda: (o := stored(kubeapi, "one")) and o.get("status") and o)
+    assert obj["status"]["conditions"][0]["status"] == "True"
+    assert FINALIZER in obj["metadata"]["finalizers"]
+
+
+def test_kopf_sees_spec_update(kubeapi: KubeApiServer, operator: RunningOperator) -> None:  # noqa: F811
+    """A spec change reaches kopf's update handler, and its status write lands."""
+    client = client_for(kubeapi)
+    create(client, "two")
+    wait_until(lambda: operator.calls.seen("create", "two"))
+    wait_until(lambda: (o := stored(kubeapi, "two")) and "status" in o)
+    client.call("PATCH", f"{WIDGETS}/two", {"spec": {"replicas": 5}}, content_type=MERGE)
+    assert wait_until(lambda: operator.calls.seen("update", "two")) == [5]
+    obj = wait_until(lambda: (o := stored(kubeapi, "two"))
+                     and o["status"].get("observedGeneration") and o)
+    assert obj["status"]["observedGeneration"] == 2
+
+
+def test_kopf_handles_delete_and_removes_finalizer(
+    kubeapi: KubeApiServer, operator: RunningOperator  # noqa: F811
+) -> None:
+    """Deletion waits for kopf's delete handler, which then releases the finalizer."""
+    client = client_for(kubeapi)
+    create(client, "three")
+    wait_until(lambda: (o := stored(kubeapi, "three"))
+               and FINALIZER in (o["metadata"].get("finalizers") or []))
+    client.call("DELETE", f"{WIDGETS}/three")
+    wait_until(lambda: operator.calls.seen("delete", "three"))
+    wait_until(lambda: stored(kubeapi, "three") is None)
+    assert operator.calls.seen("delete", "three") == [None]
+
+
+def test_kopf_recovers_from_gone_watch(
+    kubeapi: KubeApiServer, operator: RunningOperator  # noqa: F811
+) -> None:
+    """After compaction kopf's watch gets 410, kopf relists, and later changes still arrive."""
+    client = client_for(kubeapi)
+    create(client, "four")
+    wait_until(lambda: operator.calls.seen("create", "four"))
+    wait_until(lambda: (o := stored(kubeapi, "four")) and "status" in o)
+    time.sleep(0.5)
+    kubeapi.clear_requests_log()
+    kubeapi.compact_watch_history()
+
+    def relisted() -> bool:
+        return any(record.verb == "list" and record.resource == PLURAL
+                   for record in kubeapi.requests_log())
+
+    wait_until(relisted)
+    widget_calls = [record.verb for record in kubeapi.requests_log()
+                    if record.resource == PLURAL]
+    # Why this order: kopf reconnects from its last resourceVersion, gets 410, then relists.
+    assert widget_calls[:2] == ["watch", "list"]
+    client.call("PATCH", f"{WIDGETS}/four", {"spec": {"replicas": 7}}, content_type=MERGE)
+    assert wait_until(lambda: operator.calls.seen("update", "four")) == [7]
+    watches = [record for record in kubeapi.requests_log()
+               if record.verb == "watch" and record.resource == PLURAL]
+    assert len(watches) >= 2
