@@ -208,6 +208,18 @@ $$
 """
 
 
+# Pins the trigger function's search_path to pg_catalog and the schema the table is created
+# in, so a writer's own search_path cannot substitute another sync_audit_logs or escaping
+# function. A DO block, because the schema is only known on the database (and --sql works).
+_PIN_CHAIN_SEARCH_PATH = """
+DO $pin$
+BEGIN
+    EXECUTE format('ALTER FUNCTION dbsync_audit_chain() SET search_path = pg_catalog, %I',
+                   current_schema());
+END
+$pin$
+"""
+
 _CREATE_REJECT_FUNCTION = """
 CREATE FUNCTION dbsync_audit_reject_change() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -287,6 +299,7 @@ def upgrade() -> None:
         op.execute(statement)
     op.execute(_CREATE_COPY_TEXT)
     op.execute(_create_chain_function())
+    op.execute(_PIN_CHAIN_SEARCH_PATH)
     op.execute(_CREATE_REJECT_FUNCTION)
     for statement in _TRIGGERS:
         op.execute(statement)

@@ -51,7 +51,7 @@ from dbsync.pipeline.audit_chain import (
 from dbsync.pipeline.audit_schema import ensure_own_schema, upgrade_own_schema
 from dbsync.pipeline.dsn import DatabaseAddress, connect, describe, password_of, redact_text
 from dbsync.pipeline.errors import AuditUnavailableError, ConfigurationError
-from dbsync.pipeline.logs import redact_processor
+from dbsync.pipeline.logs import redact_processor, register_secret
 
 __all__ = [
     "AuditContext",
@@ -252,9 +252,18 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, default=_json_default, sort_keys=True, ensure_ascii=False)
 
 
-def _redact_value(value: Any) -> Any:
-    # The logging redaction processor also masks every password registered for this process.
-    return redact_processor(None, "", {"value": value})["value"]
+def _redact_value(value: Any, *secrets_to_mask: str) -> Any:
+    """Mask DSN passwords and ``secrets_to_mask`` in every string inside ``value``."""
+    if isinstance(value, str):
+        # The logging processor also masks every password registered for this process.
+        masked = redact_text(value, *secrets_to_mask)
+        return redact_processor(None, "", {"value": masked})["value"]
+    if isinstance(value, Mapping):
+        return {_redact_value(str(key), *secrets_to_mask): _redact_value(item, *secrets_to_mask)
+                for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_redact_value(item, *secrets_to_mask) for item in value]
+    return value
 
 
 _INSERT_EVENT = sql.SQL("""
@@ -333,6 +342,7 @@ class AuditTrail:
         self._lock = threading.Lock()
         self._abandoned_closed = 0
         self._log = audit_logger.bind(sync_id=str(context.sync_id))
+        register_secret(self._password)
 
         # Raises ConnectionFailedError, already redacted, when the server cannot be reached.
         self._connection = connect(
@@ -384,7 +394,7 @@ class AuditTrail:
     def _redact(self, error: BaseException) -> str:
         text = str(error).strip()
         first_line = text.splitlines()[0] if text else type(error).__name__
-        return str(_redact_value(redact_text(first_line, self._password)))
+        return str(_redact_value(first_line, self._password))
 
     @property
     def context(self) -> AuditContext:
@@ -480,7 +490,7 @@ class AuditTrail:
         requester = context.requester
         error_details = None
         if error is not None:
-            error_details = {"message": redact_text(error, self._password)}
+            error_details = {"message": error}
         params = {
             "event_id": event_id,
             "event_kind": kind.value,
@@ -530,7 +540,7 @@ class AuditTrail:
     def _jsonb(self, value: Mapping[str, Any] | None) -> Jsonb | None:
         if value is None:
             return None
-        return Jsonb(_redact_value(dict(value)), dumps=_dumps)
+        return Jsonb(_redact_value(dict(value), self._password), dumps=_dumps)
 
     def _close_abandoned(self) -> int:
         with self._connection.cursor(row_factory=dict_row) as cursor:

@@ -18,6 +18,7 @@ line in Python, so it needs no parsing per value.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -306,7 +307,12 @@ def verify_chain(dsn: str, *, since: datetime | None = None,
                 first=sql.Literal(first_sequence))
         with connection.cursor() as cursor, cursor.copy(copy_sql) as copy:
             # PostgreSQL sends one CopyData message per row in COPY TO, ending in a newline.
-            verifier.check_lines(bytes(chunk)[:-1] for chunk in copy)
-        # NOTE: leaving the COPY block early (first broken row) drains the remaining rows;
-        # psycopg offers no cheaper way to cancel a COPY TO mid-stream.
+            intact = verifier.check_lines(bytes(chunk)[:-1] for chunk in copy)
+            if not intact:
+                # Stop the server from streaming the rest, then read what is in flight: the
+                # connection must leave COPY mode before it can be closed cleanly.
+                connection.cancel_safe()
+                with contextlib.suppress(psycopg.errors.QueryCanceled):
+                    for _chunk in copy:
+                        pass
         return verifier.result()
