@@ -47,10 +47,19 @@ def parse(dsn: str, *, role: str) -> dict[str, str]:
     try:
         params = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as error:
+        detail = " ".join(redact_text(str(error)).split())
         raise ConfigurationError(
-            f"the {role} DSN is invalid ({redact_text(str(error))}): pass a connection string "
+            f"the {role} DSN is invalid ({detail}): pass a connection string "
             "such as postgresql://user@host:5432/dbname") from None
-    return {key: str(value) for key, value in params.items() if value is not None}
+    parsed = {key: str(value) for key, value in params.items() if value is not None}
+
+    # libpq accepts a comma-separated port per host; each must be a number in range.
+    for port in parsed.get("port", "").split(","):
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigurationError(
+                f"the {role} DSN is invalid (port {port!r} is not a number from 1 to 65535): "
+                "pass a connection string such as postgresql://user@host:5432/dbname")
+    return parsed
 
 
 def describe(dsn: str, *, role: str = "database") -> DatabaseAddress:
@@ -59,7 +68,7 @@ def describe(dsn: str, *, role: str = "database") -> DatabaseAddress:
     host = params.get("host") or params.get("hostaddr") or "localhost"
     return DatabaseAddress(
         host=host,
-        port=int(params.get("port") or 5432),
+        port=int((params.get("port") or "5432").split(",")[0] or 5432),
         database=params.get("dbname") or params.get("user") or "",
         user=params.get("user", ""),
     )

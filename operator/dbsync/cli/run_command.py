@@ -1,0 +1,165 @@
+"""``dbsync run``: one sync of a target database to its source, as a report and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from dbsync.pipeline import logs
+from dbsync.pipeline.errors import ConfigurationError, DbsyncError
+from dbsync.pipeline.report import usage_error_report
+
+SOURCE_DSN_VARIABLE = "DBSYNC_SOURCE_DSN"
+TARGET_DSN_VARIABLE = "DBSYNC_TARGET_DSN"
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``dbsync run``."""
+    parser = subparsers.add_parser(
+        "run",
+        help="bring a target database to its source's migration state and check it",
+        description="Migrate the target, diff its schema against the source, check the "
+        "ledger, and record every step in the audit table. Exit 0 when every success "
+        "criterion holds, 1 when the sync ran but one failed, 2 on bad usage or an "
+        "unreachable database.",
+    )
+    parser.add_argument("--source", metavar="DSN", default=os.environ.get(SOURCE_DSN_VARIABLE),
+                        help=f"source (reference) database; default ${SOURCE_DSN_VARIABLE}")
+    parser.add_argument("--target", metavar="DSN", default=os.environ.get(TARGET_DSN_VARIABLE),
+                        help=f"target database to bring in step; default ${TARGET_DSN_VARIABLE}")
+    parser.add_argument("--migrations", metavar="DIR", type=Path,
+                        help="Alembic directory, or a flat directory of revision files")
+    parser.add_argument("--revision", default="head",
+                        help="head (default), source (the source's current revision) or a "
+                        "revision id")
+    parser.add_argument("--transaction-mode", choices=("all", "per-revision"), default="all",
+                        help="all: every pending revision in one transaction (default); "
+                        "per-revision: each revision commits alone")
+    parser.add_argument("--dry-run", nargs="?", const="plan", choices=("plan", "rehearse"),
+                        help="plan: show pending revisions and their SQL; rehearse: run them "
+                        "on the target and roll back. Bare --dry-run means plan")
+    parser.add_argument("--allow-downgrade", action="store_true",
+                        help="run downgrades when the target is ahead of the wanted revision")
+    parser.add_argument("--ledger", metavar="FILE", type=Path,
+                        help="ledger YAML file; the ledger step is skipped without it")
+    parser.add_argument("--audit-dsn", metavar="DSN",
+                        help="database for the audit table; default the target")
+    parser.add_argument("--lock-wait", metavar="SECONDS", type=float, default=60.0,
+                        help="how long to wait for another sync's advisory lock (default 60)")
+    parser.add_argument("--lock-timeout-ms", type=int, metavar="MS",
+                        help="lock_timeout for migration statements, in milliseconds")
+    parser.add_argument("--statement-timeout-ms", type=int, metavar="MS",
+                        help="statement_timeout for migration statements, in milliseconds")
+    parser.add_argument("--connect-timeout", metavar="SECONDS", type=int, default=10,
+                        help="connection timeout per database, in seconds (default 10)")
+    parser.add_argument("--traceparent", metavar="HEADER",
+                        help="W3C traceparent of an outer trace this sync joins")
+    parser.add_argument("--approved-plan", metavar="HASH",
+                        help="apply only if the plan computed under the lock has this hash")
+    parser.add_argument("--ignore-schema", action="append", default=[], metavar="SCHEMA",
+                        help="schema the diff ignores (repeatable)")
+    parser.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
+                        help="glob of qualified names the diff ignores (repeatable)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="read the whole request as JSON from FILE, or from standard input "
+                        "with '-' (keeps credentials off the command line); other options are "
+                        "then ignored")
+    parser.add_argument("--output", choices=("text", "json"), default="text",
+                        help="report format on standard output (default text)")
+    parser.set_defaults(handler=run)
+
+
+def _request_from_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.source:
+        raise ConfigurationError(
+            f"missing source database: pass --source DSN or set ${SOURCE_DSN_VARIABLE}")
+    if not args.target:
+        raise ConfigurationError(
+            f"missing target database: pass --target DSN or set ${TARGET_DSN_VARIABLE}")
+
+    ledger: Any = None
+    if args.ledger is not None:
+        from dbsync.pipeline.ledger import load_ledger_config
+
+        ledger = load_ledger_config(args.ledger)
+
+    return {
+        "source_dsn": args.source,
+        "target_dsn": args.target,
+        "migrations_dir": args.migrations,
+        "revision": args.revision,
+        "transaction_mode": args.transaction_mode,
+        "dry_run": args.dry_run or "off",
+        "allow_downgrade": args.allow_downgrade,
+        "ledger": ledger,
+        "audit_dsn": args.audit_dsn,
+        "lock_wait_seconds": args.lock_wait,
+        "lock_timeout_ms": args.lock_timeout_ms,
+        "statement_timeout_ms": args.statement_timeout_ms,
+        "connect_timeout_seconds": args.connect_timeout,
+        "traceparent": args.traceparent,
+        "approved_plan": args.approved_plan,
+        "diff": {"ignore_schemas": args.ignore_schema, "ignore_patterns": args.ignore},
+    }
+
+
+def _request_from_config(location: str) -> dict[str, Any]:
+    try:
+        text = sys.stdin.read() if location == "-" else Path(location).read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigurationError(f"cannot read the request file {location}: {error}") from None
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigurationError(
+            f"the request in {'standard input' if location == '-' else location} is not "
+            f"valid JSON: {error.msg} at line {error.lineno}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigurationError("the request must be a JSON object")
+    return loaded
+
+
+def _validation_message(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "request"
+        problems.append(f"{location}: {item['msg']}")
+    return "invalid sync request: " + "; ".join(problems)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one sync from the parsed arguments and print the report."""
+    from dbsync.pipeline.request import SyncRequest
+    from dbsync.pipeline.runner import run_sync
+
+    logs.configure(json_output=True if args.output == "json" else None)
+    sync_id = uuid.uuid4()
+    dry_run = args.dry_run or "off"
+    try:
+        fields = (_request_from_config(args.config) if args.config
+                  else _request_from_arguments(args))
+        fields.setdefault("sync_id", str(sync_id))
+        try:
+            request = SyncRequest.model_validate(fields)
+        except ValidationError as error:
+            raise ConfigurationError(_validation_message(error)) from None
+        sync_id = request.sync_id or sync_id
+        dry_run = request.dry_run.value
+        report = run_sync(request)
+    except DbsyncError as error:
+        if args.output == "json":
+            failed = usage_error_report(
+                sync_id=str(sync_id), trace_id=sync_id.hex, dry_run=dry_run,
+                reason=error.reason, message=str(error), transient=error.transient)
+            print(failed.to_json())
+        raise
+
+    print(report.to_json() if args.output == "json" else report.render_text())
+    return report.exit_code
