@@ -10,8 +10,13 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from dbsync.k8s.crd import DEFAULT_CRD_PATH, UnsupportedSchemaError, build_crd, render_crd, \
-    to_structural
+from dbsync.k8s.crd import (
+    DEFAULT_CRD_PATH,
+    UnsupportedSchemaError,
+    build_crd,
+    render_crd,
+    to_structural,
+)
 from dbsync.k8s.models import DatabaseSyncSpec, DatabaseSyncStatus, parse_spec
 
 REPOSITORY = Path(__file__).resolve().parent.parent

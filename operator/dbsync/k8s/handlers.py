@@ -1,0 +1,271 @@
+"""kopf handlers of the dbsync operator.
+
+Importing this module registers the handlers with kopf's default registry.  The change
+handlers run a full sync on create, on resume (once per operator start) and on spec
+changes; a separate handler reacts to the ``dbsync.io/run-at`` annotation.  Status writes
+(``status.observedGeneration`` included) all go through kopf's ``patch``; handlers return
+None, so nothing lands in ``status.<handler id>``.
+
+Each change handler works in two kopf sub-handlers: ``begin`` marks the resource
+Reconciling (kopf applies that patch at once), then ``run`` starts the child process.  So
+``kubectl wait`` and dashboards see the sync start before the long work does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from dbsync.k8s import kubeclient
+from dbsync.k8s.conditions import Reason, now_utc
+from dbsync.k8s.credentials import CONFIG_MAP, SECRET
+from dbsync.k8s.executor import SyncExecutor
+from dbsync.k8s.kubeclient import KubeClient
+from dbsync.k8s.models import GROUP, PLURAL, RUN_AT_ANNOTATION, VERSION, DatabaseSyncSpec
+from dbsync.k8s.reconcile import Reconciler, run_at_of, spec_or_verdict
+from dbsync.k8s.scheduler import Scheduler, retry_delay_seconds
+from dbsync.k8s.status import Trigger, VerdictKind, starting_status, suspended_status
+
+logger = logging.getLogger("dbsync.k8s.handlers")
+
+# kopf's bookkeeping (handler progress, last-handled spec) lives in annotations under this
+# prefix.  kopf hides annotations under its own prefix from change detection, so the
+# run-at annotation is watched through a handler with that field, which kopf restores.
+STORAGE_PREFIX = "dbsync.io"
+FINALIZER = "dbsync.io/finalizer"
+
+
+@dataclass
+class OperatorOptions:
+    """Settings of one operator process, set by ``dbsync operator`` before kopf starts."""
+
+    max_concurrent_syncs: int = 2
+    metrics_port: int | None = None
+    retry_base_seconds: float = 1.0
+    retry_max_seconds: float = 300.0
+    prestart_children: bool = True
+
+
+@dataclass
+class Runtime:
+    """Objects shared by all handlers of one operator process."""
+
+    options: OperatorOptions
+    executor: SyncExecutor
+    client: KubeClient
+    reconciler: Reconciler
+    scheduler: Scheduler
+    scheduler_task: asyncio.Task[None] | None = None
+    handled_run_at: dict[str, str] = field(default_factory=dict)
+
+
+_OPTIONS = OperatorOptions()
+_RUNTIME: Runtime | None = None
+
+
+def configure(options: OperatorOptions) -> None:
+    """Set the options the next operator start uses."""
+    global _OPTIONS
+    _OPTIONS = options
+
+
+def runtime() -> Runtime:
+    """Return the running operator's shared objects."""
+    if _RUNTIME is None:
+        raise RuntimeError("the dbsync operator has not started: no runtime")
+    return _RUNTIME
+
+
+# Start-up, login and shutdown.
+
+
+@kopf.on.startup()
+async def start_operator(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Configure kopf's storage and start the executor, the API client and the scheduler."""
+    global _RUNTIME
+
+    # Annotations only: kopf's default also writes progress into status, which the CRD
+    # does not declare and the API server would drop.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix=STORAGE_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=STORAGE_PREFIX, key="last-handled-configuration")
+    settings.persistence.finalizer = FINALIZER
+
+    # Handler log lines are not Events; the operator posts its own (dbsync.k8s.events).
+    settings.posting.level = logging.WARNING
+
+    options = _OPTIONS
+    executor = SyncExecutor(max_concurrent_syncs=options.max_concurrent_syncs,
+                            prestart=options.prestart_children)
+    client = KubeClient()
+    reconciler = Reconciler(executor=executor, reader=client)
+    scheduler = Scheduler(reconciler=reconciler, client=client,
+                          retry_base_seconds=options.retry_base_seconds,
+                          retry_max_seconds=options.retry_max_seconds)
+    _RUNTIME = Runtime(options=options, executor=executor, client=client,
+                       reconciler=reconciler, scheduler=scheduler)
+    _RUNTIME.scheduler_task = asyncio.create_task(scheduler.run(), name="dbsync-scheduler")
+
+    if options.metrics_port is not None:
+        from dbsync.k8s import metrics
+
+        metrics.start_metrics_server(port=options.metrics_port)
+    logger.info("dbsync operator started (max %d concurrent syncs)",
+                options.max_concurrent_syncs)
+
+
+@kopf.on.cleanup()
+async def stop_operator(**_: Any) -> None:
+    """Stop the scheduler and the spare child, and close the API session."""
+    current = _RUNTIME
+    if current is None:
+        return
+    if current.scheduler_task is not None:
+        current.scheduler_task.cancel()
+        await asyncio.gather(current.scheduler_task, return_exceptions=True)
+    await current.executor.close()
+    await current.client.close()
+    logger.info("dbsync operator stopped")
+
+
+@kopf.on.login()
+def log_in(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """Log in as kopf does by default and keep the result for the operator's own client."""
+    info: kopf.ConnectionInfo | None = (kopf.login_with_service_account(**kwargs)
+                                        or kopf.login_with_kubeconfig(**kwargs))
+    if info is None:
+        # Exec plugins and other kubeconfig extras need the kubernetes client.
+        info = kopf.login_via_client(**kwargs)
+    kubeclient.remember_connection(info)
+    return info
+
+
+@kopf.on.probe(id="lastWatchEventAgeSeconds")
+def last_watch_event_age(**_: Any) -> float:
+    """Seconds since the last watch event: a stuck watch shows here, not in liveness."""
+    return round(time.monotonic() - runtime().scheduler.last_event_monotonic, 1)
+
+
+# Change handlers.
+
+
+async def _begin(body: kopf.Body, patch: kopf.Patch, *, trigger: Trigger,
+                 **_: Any) -> None:
+    current = runtime()
+    parsed = spec_or_verdict(body)
+    generation = body.get("metadata", {}).get("generation")
+    if isinstance(parsed, DatabaseSyncSpec) and parsed.suspend:
+        patch.setdefault("status", {}).update(
+            suspended_status(dict(body.get("status") or {}), generation=generation,
+                             now=now_utc()))
+        return
+    current.scheduler.set_handler_busy(body, True)
+    patch.setdefault("status", {}).update(starting_status(
+        dict(body.get("status") or {}), reason=Reason.SYNCING,
+        message=f"{trigger.value}: sync starting", generation=generation, now=now_utc()))
+
+
+async def _run(body: kopf.Body, patch: kopf.Patch, retry: int, *, trigger: Trigger,
+               **_: Any) -> None:
+    current = runtime()
+    parsed = spec_or_verdict(body)
+    if isinstance(parsed, DatabaseSyncSpec) and parsed.suspend:
+        current.scheduler.set_handler_busy(body, False)
+        return
+
+    outcome = await current.reconciler.sync(body, trigger=Trigger.RETRY if retry else trigger)
+    patch.setdefault("status", {}).update(outcome.status)
+    run_at = run_at_of(body)
+    uid = str(body.get("metadata", {}).get("uid"))
+    if run_at is not None:
+        current.handled_run_at[uid] = run_at
+
+    if outcome.verdict.kind is VerdictKind.TRANSIENT:
+        delay = retry_delay_seconds(outcome.failures,
+                                    base_seconds=current.options.retry_base_seconds,
+                                    max_seconds=current.options.retry_max_seconds)
+        raise kopf.TemporaryError(f"{outcome.verdict.reason}: {outcome.verdict.message}",
+                                  delay=delay)
+    current.scheduler.set_handler_busy(body, False)
+    if outcome.verdict.kind is VerdictKind.PERMANENT:
+        raise kopf.PermanentError(f"{outcome.verdict.reason}: {outcome.verdict.message}")
+
+
+def _register_steps(trigger: Trigger) -> None:
+    kopf.register(fn=functools.partial(_begin, trigger=trigger), id="begin")
+    kopf.register(fn=functools.partial(_run, trigger=trigger), id="run")
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL, id="sync-create")
+async def sync_on_create(**_: Any) -> None:
+    """Run a full sync of a new resource."""
+    _register_steps(Trigger.CREATE)
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL, id="sync-resume")
+async def sync_on_resume(**_: Any) -> None:
+    """Run a full sync of each existing resource when the operator starts."""
+    _register_steps(Trigger.RESUME)
+
+
+@kopf.on.update(GROUP, VERSION, PLURAL, id="sync-update", field="spec")
+async def sync_on_update(**_: Any) -> None:
+    """Run a full sync after a spec change; status writes do not reach this handler."""
+    _register_steps(Trigger.UPDATE)
+
+
+@kopf.on.update(GROUP, VERSION, PLURAL, id="sync-run-at",
+                field=("metadata", "annotations", RUN_AT_ANNOTATION))
+async def sync_on_run_at(body: kopf.Body, new: Any, **_: Any) -> None:
+    """Run a full sync when the dbsync.io/run-at annotation gets a new value."""
+    if not new:
+        return
+    status = body.get("status") or {}
+    uid = str(body.get("metadata", {}).get("uid"))
+
+    # A spec change in the same update already ran a sync and echoed this value.
+    if status.get("lastHandledRunAt") == new or runtime().handled_run_at.get(uid) == new:
+        return
+    _register_steps(Trigger.RUN_AT)
+
+
+# Watch events: no finalizer, no state; they feed the scheduler.
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL, id="track")
+async def track_database_sync(body: kopf.Body, type: str | None, **_: Any) -> None:
+    """Keep the scheduler's copy of each DatabaseSync current."""
+    current = runtime()
+    current.scheduler.observe(body, event_type=type)
+    if type == "DELETED":
+        current.handled_run_at.pop(str(body.get("metadata", {}).get("uid")), None)
+        _forget_metrics(body)
+
+
+@kopf.on.event("", "v1", "secrets", id="watch-secrets")
+async def watch_secret(body: kopf.Body, type: str | None, **_: Any) -> None:
+    """Start a sync of every DatabaseSync that reads a Secret whose data changed."""
+    runtime().scheduler.referenced_object_changed(body, kind=SECRET, event_type=type)
+
+
+@kopf.on.event("", "v1", "configmaps", id="watch-configmaps")
+async def watch_config_map(body: kopf.Body, type: str | None, **_: Any) -> None:
+    """Start a sync of every DatabaseSync that reads a ConfigMap whose data changed."""
+    runtime().scheduler.referenced_object_changed(body, kind=CONFIG_MAP, event_type=type)
+
+
+def _forget_metrics(body: Mapping[str, Any]) -> None:
+    metadata = body.get("metadata") or {}
+    try:
+        from dbsync.k8s import metrics
+    except ImportError:
+        return
+    metrics.forget(namespace=str(metadata.get("namespace")), name=str(metadata.get("name")))

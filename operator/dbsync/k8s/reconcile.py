@@ -1,0 +1,254 @@
+"""One sync of one DatabaseSync: resolve references, run the child, judge, build the status.
+
+Both the kopf change handlers and the scheduler (periodic re-checks, runs started by a
+changed Secret or ConfigMap) call :meth:`Reconciler.sync`.  It never writes to the API
+itself: it returns the status to write, and the caller writes it through kopf's ``patch``
+or through :class:`~dbsync.k8s.kubeclient.KubeClient`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from dbsync.k8s import events
+from dbsync.k8s.conditions import Reason, now_utc
+from dbsync.k8s.credentials import ObjectReader, resolve_inputs
+from dbsync.k8s.executor import ChildOutcome, SyncExecutor
+from dbsync.k8s.models import RUN_AT_ANNOTATION, DatabaseSyncSpec, parse_spec
+from dbsync.k8s.status import (
+    SyncContext,
+    Trigger,
+    Verdict,
+    VerdictKind,
+    escalate,
+    finished_status,
+    judge,
+    problem_status,
+)
+from dbsync.pipeline.errors import ConfigurationError
+
+logger = logging.getLogger("dbsync.k8s.reconcile")
+
+try:
+    from dbsync.k8s import metrics as _metrics
+except ImportError:  # the metrics module is optional in stripped-down images
+    _metrics = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SyncOutcome:
+    """The status to write and the verdict that decides what happens next."""
+
+    status: dict[str, Any]
+    verdict: Verdict
+    sync_id: str | None
+    failures: int
+
+
+def validation_message(error: ValidationError) -> str:
+    """Describe a validation error by location and rule, never by the rejected value."""
+    problems = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "spec"
+        problems.append(f"{location}: {item['msg']}")
+    return "; ".join(problems)
+
+
+def spec_or_verdict(body: Mapping[str, Any]) -> DatabaseSyncSpec | Verdict:
+    """Parse the resource's spec, or return the InvalidSpec verdict that explains why not."""
+    try:
+        return parse_spec(dict(body.get("spec") or {}))
+    except ValidationError as error:
+        return Verdict(kind=VerdictKind.PERMANENT, reason=Reason.INVALID_SPEC,
+                       message=f"invalid spec: {validation_message(error)}")
+
+
+def run_at_of(body: Mapping[str, Any]) -> str | None:
+    """Return the dbsync.io/run-at annotation's value, or None."""
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    value = annotations.get(RUN_AT_ANNOTATION)
+    return str(value) if value else None
+
+
+@contextmanager
+def _private_directory() -> Iterator[Path]:
+    # mkdtemp creates the directory with mode 0700, so only the operator's user reads it.
+    directory = Path(tempfile.mkdtemp(prefix="dbsync-sync-"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def build_request(spec: DatabaseSyncSpec, *, body: Mapping[str, Any], source_dsn: str,
+                  target_dsn: str, audit_dsn: str | None, migrations_dir: Path | None,
+                  run_migrations: bool, sync_id: str) -> dict[str, Any]:
+    """Return the SyncRequest fields for one sync of ``body``."""
+    metadata = body.get("metadata") or {}
+    return {
+        "source_dsn": source_dsn,
+        "target_dsn": target_dsn,
+        "migrations_dir": str(migrations_dir) if migrations_dir is not None else None,
+        "revision": spec.revision,
+        "transaction_mode": spec.transaction_mode.value,
+        "dry_run": spec.dry_run.value,
+        "run_migrations": run_migrations,
+        "lock_wait_seconds": float(spec.lock_wait_seconds),
+        "lock_timeout_ms": spec.lock_timeout_ms,
+        "statement_timeout_ms": spec.statement_timeout_ms,
+        "connect_timeout_seconds": spec.connect_timeout_seconds,
+        "diff": {
+            "ignore_schemas": list(spec.diff.ignore_schemas),
+            "ignore_patterns": list(spec.diff.ignore_patterns),
+            "ignore_kinds": list(spec.diff.ignore_kinds),
+        },
+        "ledger": (spec.ledger.model_dump(mode="json", by_alias=True, exclude_none=True)
+                   if spec.ledger is not None else None),
+        "audit_dsn": audit_dsn,
+        "requester": {
+            "kind": "kubernetes",
+            "namespace": metadata.get("namespace"),
+            "name": metadata.get("name"),
+            "uid": metadata.get("uid"),
+            "generation": metadata.get("generation"),
+        },
+        "sync_id": sync_id,
+        "approved_plan": None,
+    }
+
+
+@dataclass
+class Reconciler:
+    """Runs syncs for the operator; one instance per operator process."""
+
+    executor: SyncExecutor
+    reader: ObjectReader
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict, init=False)
+
+    def lock_for(self, uid: str) -> asyncio.Lock:
+        """Return the lock that keeps two syncs of one resource from overlapping."""
+        return self._locks.setdefault(uid, asyncio.Lock())
+
+    def forget(self, uid: str) -> None:
+        """Drop the lock of a deleted resource."""
+        self._locks.pop(uid, None)
+
+    async def sync(self, body: Mapping[str, Any], *, trigger: Trigger,
+                   run_migrations: bool = True) -> SyncOutcome:
+        """Run one sync of ``body`` and return the status to write and the verdict."""
+        metadata = body.get("metadata") or {}
+        uid = str(metadata.get("uid") or f"{metadata.get('namespace')}/{metadata.get('name')}")
+        async with self.lock_for(uid):
+            return await self._sync(body, trigger=trigger, run_migrations=run_migrations)
+
+    async def _sync(self, body: Mapping[str, Any], *, trigger: Trigger,
+                    run_migrations: bool) -> SyncOutcome:
+        metadata = body.get("metadata") or {}
+        previous = dict(body.get("status") or {})
+        generation = metadata.get("generation")
+        namespace = str(metadata.get("namespace") or "default")
+        run_at = run_at_of(body)
+        failures_before = int(previous.get("failures") or 0)
+
+        parsed = spec_or_verdict(body)
+        if isinstance(parsed, Verdict):
+            return self._problem(body, previous, parsed, generation=generation, run_at=run_at)
+        spec = parsed
+
+        sync_id = str(uuid.uuid4())
+        started_at = now_utc()
+        with _private_directory() as workdir:
+            try:
+                inputs = await resolve_inputs(spec, namespace=namespace, reader=self.reader,
+                                              workdir=workdir)
+            except ConfigurationError as error:
+                verdict = Verdict(kind=VerdictKind.PERMANENT, reason=error.reason,
+                                  message=str(error))
+                return self._problem(body, previous, verdict, generation=generation,
+                                     run_at=run_at)
+
+            request = build_request(
+                spec, body=body, source_dsn=inputs.source_dsn, target_dsn=inputs.target_dsn,
+                audit_dsn=inputs.audit_dsn, migrations_dir=inputs.migrations_dir,
+                run_migrations=run_migrations, sync_id=sync_id)
+
+            events.post_event(body, event_type=events.NORMAL,
+                              reason=Reason.RECHECKING if not run_migrations else Reason.SYNCING,
+                              message=f"sync {sync_id} started ({trigger.value})")
+            logger.info("sync %s of %s/%s started (%s)", sync_id, namespace,
+                        metadata.get("name"), trigger.value)
+            outcome = await self._run_child(request, timeout_seconds=spec.sync_timeout_seconds,
+                                            secrets=inputs.secrets)
+
+        verdict = judge(outcome, sync_id=sync_id, fail_on_drift=spec.diff.fail_on_drift,
+                        timeout_seconds=spec.sync_timeout_seconds)
+        errored = verdict.kind in (VerdictKind.TRANSIENT, VerdictKind.PERMANENT)
+        failures = failures_before + 1 if errored else 0
+        verdict = escalate(verdict, failures=failures, backoff_limit=spec.backoff_limit)
+        context = SyncContext(
+            sync_id=sync_id, trigger=trigger, started_at=started_at, finished_at=now_utc(),
+            generation=generation, dry_run=spec.dry_run.value, run_migrations=run_migrations,
+            fail_on_drift=spec.diff.fail_on_drift, backoff_limit=spec.backoff_limit,
+            run_at=run_at)
+        status = finished_status(previous, report=outcome.report, verdict=verdict,
+                                 context=context)
+        self._record_metrics(namespace, str(metadata.get("name")), status, outcome.report,
+                             verdict)
+        events.post_event(body, event_type=verdict.event_type, reason=verdict.reason,
+                          message=verdict.message)
+        logger.info("sync %s of %s/%s finished: %s (%s)", sync_id, namespace,
+                    metadata.get("name"), verdict.kind.value, verdict.reason)
+        return SyncOutcome(status=status, verdict=verdict, sync_id=sync_id, failures=failures)
+
+    async def _run_child(self, request: dict[str, Any], *, timeout_seconds: float,
+                         secrets: tuple[str, ...]) -> ChildOutcome:
+        if _metrics is None:
+            return await self.executor.run(request, timeout_seconds=timeout_seconds,
+                                           secrets=secrets)
+        with _metrics.track_running():
+            return await self.executor.run(request, timeout_seconds=timeout_seconds,
+                                           secrets=secrets)
+
+    def _problem(self, body: Mapping[str, Any], previous: dict[str, Any], verdict: Verdict, *,
+                 generation: int | None, run_at: str | None) -> SyncOutcome:
+        """Build the outcome of a sync that could not start."""
+        status = problem_status(previous, verdict=verdict, generation=generation, now=now_utc(),
+                                run_at=run_at)
+        metadata = body.get("metadata") or {}
+        logger.warning("sync of %s/%s not started: %s: %s", metadata.get("namespace"),
+                       metadata.get("name"), verdict.reason, verdict.message)
+        events.post_event(body, event_type=events.WARNING, reason=verdict.reason,
+                          message=verdict.message)
+        return SyncOutcome(status=status, verdict=verdict, sync_id=None,
+                           failures=int(status.get("failures") or 0))
+
+    @staticmethod
+    def _record_metrics(namespace: str, name: str, status: Mapping[str, Any],
+                        report: Mapping[str, Any] | None, verdict: Verdict) -> None:
+        if _metrics is None:
+            return
+        steps = {str(step.get("name")): int(step.get("duration_ms") or 0) / 1000.0
+                 for step in (report or {}).get("steps", [])}
+        _metrics.record_sync(namespace=namespace, name=name, step_durations_seconds=steps,
+                             result=str(status["lastSync"]["result"]))
+        drift = status.get("drift")
+        if drift:
+            _metrics.set_drift(namespace=namespace, name=name,
+                               differences=int(drift["differences"]))
+        ledger = status.get("ledger")
+        if ledger:
+            _metrics.set_ledger_balanced(namespace=namespace, name=name,
+                                         balanced=bool(ledger["balanced"]))
+        if verdict.kind is VerdictKind.SUCCEEDED:
+            _metrics.mark_success(namespace=namespace, name=name)
