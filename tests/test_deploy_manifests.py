@@ -224,20 +224,20 @@ def test_rules_use_no_wildcards(
     assert wildcards == []
 
 
-def test_secrets_readable_by_name_only(
+def test_secrets_and_configmaps_read_only(
     base: list[dict[str, Any]], namespaced: list[dict[str, Any]]
 ) -> None:
-    """list and watch on Secrets would reveal every Secret in scope, so only get is granted."""
+    """The operator reads Secrets and ConfigMaps and watches them, but never writes them."""
     roles = of_kind(base, "ClusterRole") + of_kind(namespaced, "Role")
-    secret_verbs = {
+    verbs = {
         verb
         for role in roles
         for rule in role["rules"]
-        if "secrets" in rule["resources"]
+        if {"secrets", "configmaps"} & set(rule["resources"])
         for verb in rule["verbs"]
     }
 
-    assert secret_verbs == {"get"}
+    assert verbs == {"get", "list", "watch"}
 
 
 def test_overlay_replaces_cluster_role_with_roles(namespaced: list[dict[str, Any]]) -> None:
