@@ -80,15 +80,12 @@ class SyncLock:
         self.key: int | None = None
         self.acquired_at: datetime | None = None
         self.waited_seconds: float = 0.0
+        # Server process id of the lock's session (pg_stat_activity.pid), kept after exit.
+        self.backend_pid: int | None = None
 
     @property
     def held(self) -> bool:
         return self._connection is not None and not self._connection.closed
-
-    @property
-    def backend_pid(self) -> int | None:
-        """The server process id of the lock's connection, as pg_stat_activity shows it."""
-        return self._connection.info.backend_pid if self._connection is not None else None
 
     def __enter__(self) -> Self:
         address = dsn_module.describe(self._dsn, role="target")
@@ -96,6 +93,7 @@ class SyncLock:
             self._dsn, role="target", autocommit=True,
             connect_timeout_seconds=self._connect_timeout_seconds,
             application_name="dbsync lock")
+        self.backend_pid = connection.info.backend_pid
         try:
             self._acquire(connection, address)
         except BaseException:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import uuid
 
+from alembic.script.revision import ResolutionError, RevisionError
 from sqlalchemy import Engine
 
 from dbsync.pipeline import dsn as dsn_module
@@ -25,6 +26,7 @@ from dbsync.pipeline.migrate_alembic import (
     invalid_indexes,
     make_engine,
     public_url,
+    set_timeouts,
     single_head,
 )
 from dbsync.pipeline.migrate_apply import (
@@ -34,6 +36,7 @@ from dbsync.pipeline.migrate_apply import (
     reject_non_transactional,
 )
 from dbsync.pipeline.migrate_checksums import (
+    RecordedChecksum,
     check_applied,
     read_checksums,
     record,
@@ -124,16 +127,19 @@ def resolve_target(scripts: ScriptSet, revision: str, *, source_dsn: str | None)
                 "revision files")
         return current
 
+    known = ", ".join(sorted(scripts.revisions)[:10])
     try:
-        found = scripts.script_directory.get_revision(wanted)
-    except Exception as error:  # Alembic raises several types for bad ids
+        found = scripts.script_directory.revision_map.get_revision(wanted)
+    except ResolutionError:
+        found = None
+    except RevisionError as error:
         raise ConfigurationError(
             f"revision {wanted!r} is invalid for {directory}: {error}; pass 'head', 'source' "
-            "or a revision id from the directory") from None
+            "or a full revision id from the directory") from None
     if found is None:
         raise ConfigurationError(
             f"revision {wanted!r} is not in {directory}: pass 'head', 'source' or one of "
-            f"{', '.join(sorted(scripts.revisions)[:10])}")
+            f"{known}")
     return str(found.revision)
 
 
@@ -212,20 +218,38 @@ def _migrate(scripts: ScriptSet, target: str, *, target_dsn: str, options: Migra
     address = dsn_module.describe(target_dsn, role="target")
 
     # Why: read under the sync lock, so a sync that waited sees the previous one's commit.
-    with engine.connect() as connection:
+    connection = engine.connect()
+    try:
+        set_timeouts(connection, lock_timeout_ms=options.lock_timeout_ms,
+                     statement_timeout_ms=options.statement_timeout_ms)
         before = single_head(current_heads(connection), where=f"the target database {address}")
         has_table = table_exists(connection)
         recorded = read_checksums(connection)
         invalid_before = invalid_indexes(connection)
         connection.rollback()
+    except BaseException:
+        connection.close()
+        raise
 
-    steps, downgrade = pending_steps(scripts, before, target,
-                                     allow_downgrade=options.allow_downgrade, address=address)
     context = RunContext(
         scripts=scripts, options=options, audit=audit, parent=parent, sync_id=sync_id,
         engine=engine, driver=AlembicDriver(scripts, offline_url=public_url(target_dsn)),
-        before=before, target=target, steps=steps, downgrade=downgrade,
-        invalid_before=invalid_before)
+        before=before, target=target, steps=[], downgrade=False,
+        invalid_before=invalid_before, main_connection=connection)
+    try:
+        return _run(context, target_dsn=target_dsn, address=address, has_table=has_table,
+                    recorded=recorded)
+    finally:
+        context.close()
+
+
+def _run(context: RunContext, *, target_dsn: str, address: dsn_module.DatabaseAddress,
+         has_table: bool, recorded: dict[str, RecordedChecksum]) -> MigrateResult:
+    scripts, options, before = context.scripts, context.options, context.before
+    assert context.target is not None
+    context.steps, context.downgrade = pending_steps(
+        scripts, before, context.target, allow_downgrade=options.allow_downgrade,
+        address=address)
     context.warnings.extend(scripts.notes)
     check_per_revision_limits(context)
 
@@ -238,8 +262,9 @@ def _migrate(scripts: ScriptSet, target: str, *, target_dsn: str, options: Migra
     if check.untracked:
         ids = ", ".join(item.revision for item in check.untracked)
         if writes:
-            with engine.begin() as connection:
-                record(connection, check.untracked, sync_id=sync_id, applied_now=False)
+            with context.connection().begin() as transaction:
+                record(transaction.connection, check.untracked, sync_id=context.sync_id,
+                       applied_now=False)
             message = (f"recorded the current checksum of {len(check.untracked)} revision(s) "
                        f"applied before dbsync tracked checksums on this target: {ids}")
         else:
@@ -248,18 +273,18 @@ def _migrate(scripts: ScriptSet, target: str, *, target_dsn: str, options: Migra
         logger.info("%s", message)
         context.warnings.append(message)
 
-    if not steps:
+    if not context.steps:
         logger.info("the target %s is already at revision %s: nothing to migrate",
                     address, before)
         return MigrateResult(
-            revision_before=before, revision_after=before, target_revision=target,
-            outcomes=(), dry_run=options.dry_run, invalid_indexes=invalid_before,
+            revision_before=before, revision_after=before, target_revision=context.target,
+            outcomes=(), dry_run=options.dry_run, invalid_indexes=context.invalid_before,
             transaction_mode=options.transaction_mode, warnings=tuple(context.warnings))
 
     if writes and options.transaction_mode is TransactionMode.ALL:
         reject_non_transactional(context)
 
     logger.info("migrate %s: %s -> %s, %d revision(s), mode %s, dry run %s", address,
-                before or "base", target, len(steps), options.transaction_mode,
+                before or "base", context.target, len(context.steps), options.transaction_mode,
                 options.dry_run)
     return choose_mode(options)(context)

@@ -85,6 +85,34 @@ class RunContext:
     lock_retries_used: int = 0
     # Per revision id: lock_timeout retries it caused and other notes for its outcome.
     notes: dict[str, list[str]] = field(default_factory=dict)
+    main_connection: Connection | None = None
+
+    def connection(self) -> Connection:
+        """Return the run's connection (timeouts set), reconnecting after a lost one.
+
+        One connection serves every read and transaction of a run, because a new
+        connection costs a SCRAM handshake.
+        """
+        current = self.main_connection
+        if current is not None and not current.closed and not current.invalidated:
+            return current
+        if current is not None:
+            self.close()
+        fresh = self.engine.connect()
+        set_timeouts(fresh, lock_timeout_ms=self.options.lock_timeout_ms,
+                     statement_timeout_ms=self.options.statement_timeout_ms)
+        self.main_connection = fresh
+        return fresh
+
+    def close(self) -> None:
+        connection, self.main_connection = self.main_connection, None
+        if connection is None:
+            return
+        try:
+            connection.close()
+        except (SQLAlchemyError, psycopg.Error) as error:
+            logger.warning("closing the migration connection failed: %s",
+                           redact_text(str(error).splitlines()[0]))
 
     def analysis(self, revision_file: RevisionFile) -> CodeAnalysis:
         return revision_file.downgrade if self.downgrade else revision_file.upgrade
@@ -244,43 +272,41 @@ def run_in_transaction(ctx: RunContext, revisions: list[RevisionFile], *,
         ran: list[_Ran] = []
         current: RevisionFile | None = None
         current_operation: Operation | None = None
-        with ctx.engine.connect() as connection:
-            set_timeouts(connection, lock_timeout_ms=ctx.options.lock_timeout_ms,
-                         statement_timeout_ms=ctx.options.statement_timeout_ms)
-            transaction = connection.begin()
-            try:
-                for revision_file in revisions:
-                    current = revision_file
-                    current_operation = start_operation(ctx, revision_file, attempt=attempt)
-                    started = time.monotonic()
-                    ctx.driver.run(connection, ctx.destination(ctx.steps.index(revision_file)),
-                                   downgrade=ctx.downgrade)
-                    ran.append(_Ran(revision_file, current_operation,
-                                    int((time.monotonic() - started) * 1000)))
-                    current, current_operation = None, None
-                if commit:
-                    _record_history(ctx, connection, [item.revision_file for item in ran])
-                    transaction.commit()
-                else:
-                    transaction.rollback()
-                return ran
-            except Exception as error:  # a revision may raise anything
-                _safe_rollback(transaction, connection)
-                retry = sqlstate(error) == LOCK_NOT_AVAILABLE and attempt < attempts
-                _finish_failed_attempt(ctx, ran, current, current_operation, error,
-                                       retrying=retry)
-                if not retry:
-                    raise _TransactionFailed(ran, current, current_operation, error) from error
-                blocked = current.revision if current is not None else "the commit"
-                message = (f"attempt {attempt} of {attempts}: revision {blocked} hit "
-                           f"lock_timeout ({ctx.options.lock_timeout_ms} ms); rolled back and "
-                           "retried")
-                logger.warning("%s (%s)", message, error_detail(error))
-                ctx.lock_retries_used += 1
-                if current is not None:
-                    ctx.note(current.revision, message)
-                else:
-                    ctx.warnings.append(message)
+        connection = ctx.connection()
+        transaction = connection.begin()
+        try:
+            for revision_file in revisions:
+                current = revision_file
+                current_operation = start_operation(ctx, revision_file, attempt=attempt)
+                started = time.monotonic()
+                ctx.driver.run(connection, ctx.destination(ctx.steps.index(revision_file)),
+                               downgrade=ctx.downgrade)
+                ran.append(_Ran(revision_file, current_operation,
+                                int((time.monotonic() - started) * 1000)))
+                current, current_operation = None, None
+            if commit:
+                _record_history(ctx, connection, [item.revision_file for item in ran])
+                transaction.commit()
+            else:
+                transaction.rollback()
+            return ran
+        except Exception as error:  # a revision may raise anything
+            _safe_rollback(transaction, connection)
+            retry = sqlstate(error) == LOCK_NOT_AVAILABLE and attempt < attempts
+            _finish_failed_attempt(ctx, ran, current, current_operation, error,
+                                   retrying=retry)
+            if not retry:
+                raise _TransactionFailed(ran, current, current_operation, error) from error
+            blocked = current.revision if current is not None else "the commit"
+            message = (f"attempt {attempt} of {attempts}: revision {blocked} hit "
+                       f"lock_timeout ({ctx.options.lock_timeout_ms} ms); rolled back and "
+                       "retried")
+            logger.warning("%s (%s)", message, error_detail(error))
+            ctx.lock_retries_used += 1
+            if current is not None:
+                ctx.note(current.revision, message)
+            else:
+                ctx.warnings.append(message)
             _backoff(ctx, attempt)
     raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -351,18 +377,16 @@ def run_outside_transaction(ctx: RunContext, revision_file: RevisionFile) -> _Ra
 
 def new_invalid_indexes(ctx: RunContext) -> tuple[str, ...]:
     """Return the target's invalid indexes that were not invalid when the run started."""
-    with ctx.engine.connect() as connection:
-        found = invalid_indexes(connection)
-        connection.rollback()
-    return tuple(name for name in found if name not in ctx.invalid_before)
+    return tuple(name for name in _all_invalid(ctx) if name not in ctx.invalid_before)
 
 
 def read_revision(ctx: RunContext) -> str | None:
     """Re-read the target's revision: after a failure, what Alembic printed is no proof."""
-    with ctx.engine.connect() as connection:
-        revision = single_head(current_heads(connection), where="the target")
+    connection = ctx.connection()
+    try:
+        return single_head(current_heads(connection), where="the target")
+    finally:
         connection.rollback()
-    return revision
 
 
 def outcome(ctx: RunContext, revision_file: RevisionFile, status: OutcomeStatus, *,
@@ -550,10 +574,11 @@ def apply_per_revision(ctx: RunContext) -> MigrateResult:
 
 
 def _all_invalid(ctx: RunContext) -> tuple[str, ...]:
-    with ctx.engine.connect() as connection:
-        found = invalid_indexes(connection)
+    connection = ctx.connection()
+    try:
+        return invalid_indexes(connection)
+    finally:
         connection.rollback()
-    return found
 
 
 def _per_revision_failure(ctx: RunContext, failure: _TransactionFailed,
