@@ -340,3 +340,17 @@ def test_explicit_fingerprint_without_source_is_rejected(ledger_dsn: str) -> Non
     books = make_books(ledger_dsn, "side")
     with pytest.raises(ConfigurationError, match="pass a source DSN"):
         run_ledger_checks(target_dsn=books.dsn, config=books.config(checks=["fingerprint"]))
+
+
+def test_failing_query_is_error_and_next_check_runs(ledger_dsn: str) -> None:
+    """A check whose SQL fails reports ERROR, and the following check still passes."""
+    books = make_books(ledger_dsn, "side")
+    books.execute(sql.SQL("ALTER TABLE {}.accounts ALTER COLUMN id TYPE text").format(
+        sql.Identifier(books.schema)))
+    result = run_ledger_checks(target_dsn=books.dsn, config=books.config(
+        checks=["stored_balances", "trial_balance"]))
+    stored, trial = result.checks
+    assert stored.status is CheckStatus.ERROR
+    assert "operator does not exist" in stored.message
+    assert trial.status is CheckStatus.PASS
+    assert result.failed_checks == (CheckName.STORED_BALANCES,)

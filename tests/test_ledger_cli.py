@@ -152,3 +152,15 @@ def test_installed_command_runs_as_subprocess(books: LedgerBooks, tmp_path: Path
     report = json.loads(completed.stdout)
     assert report["checks"][0]["offending_keys"] == ["6"]
     assert report["checks"][1]["status"] == "PASS"
+
+
+def test_check_error_without_failure_exits_two(books: LedgerBooks, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A check that cannot run, with no check failing, exits 2."""
+    books.execute(sql.SQL("ALTER TABLE {}.accounts ALTER COLUMN id TYPE text").format(
+        sql.Identifier(books.schema)))
+    config = write_config(tmp_path, books.config_data(checks=["stored_balances"]))
+    code = main(["ledger", "--target", books.dsn, "--config", str(config)])
+    output = capsys.readouterr().out
+    assert code == 2
+    assert "ERROR    stored_balances" in output

@@ -23,7 +23,7 @@ from enum import StrEnum
 import psycopg
 
 from dbsync.pipeline import dsn as dsn_tools
-from dbsync.pipeline.errors import ConfigurationError
+from dbsync.pipeline.errors import ConfigurationError, ConnectionFailedError, LockTimeoutError
 from dbsync.pipeline.ledger_checks import (
     Bucket,
     CheckOutcome,
@@ -234,10 +234,31 @@ def run_ledger_checks(*, target_dsn: str, config: LedgerConfig,
         raise ConfigurationError(
             "check fingerprint compares source and target: pass a source DSN (--source) or "
             "leave fingerprint out of the selected checks")
+    target_secret = dsn_tools.password_of(target_dsn)
+
+    try:
+        return _run_all(target_dsn=target_dsn, config=config, source_dsn=source_dsn,
+                        selected=selected)
+    except psycopg.errors.QueryCanceled:
+        # Checks catch their own timeouts, so this one hit the catalog lookup.
+        raise LockTimeoutError(
+            f"the catalog lookup of the ledger tables exceeded statementTimeoutMs "
+            f"({config.statement_timeout_ms} ms), most likely waiting for a lock held by a "
+            "schema change: retry when it has finished") from None
+    except psycopg.OperationalError as error:
+        # A connection lost between checks surfaces here, when the snapshot is closed.
+        detail = dsn_tools.redact_text(str(error).strip(), target_secret,
+                                       dsn_tools.password_of(source_dsn or ""))
+        raise ConnectionFailedError(
+            f"lost the connection during the ledger checks: {detail}; check that the "
+            "database is up and run the checks again") from None
+
+
+def _run_all(*, target_dsn: str, config: LedgerConfig, source_dsn: str | None,
+             selected: tuple[CheckName, ...]) -> LedgerResult:
     timeout_ms = config.statement_timeout_ms
     limit = config.max_offending_keys
     target_secret = dsn_tools.password_of(target_dsn)
-
     results: list[CheckResult] = []
     with _snapshot(target_dsn, role="target", timeout_ms=timeout_ms) as target:
         schema = _resolve(target, config, dsn=target_dsn, role="target")

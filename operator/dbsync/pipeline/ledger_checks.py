@@ -89,9 +89,9 @@ def check_transaction_balance(schema: LedgerSchema, connection: Connection, *,
     grouped = sql.SQL(
         "SELECT {txn} AS txn, {currency} AS currency, sum({net}) AS net, count(*) AS legs, "
         "count(*) FILTER (WHERE {net} IS NULL) AS unknown_legs "
-        "FROM {postings} GROUP BY {txn}, {currency}"
+        "FROM {postings} GROUP BY {txn}, {currency_group}"
     ).format(txn=schema.transaction_ref, currency=schema.currency_ref, net=net,
-             postings=schema.postings_table)
+             currency_group=schema.currency_group, postings=schema.postings_table)
     violation = sql.SQL("(g.net <> 0 OR g.unknown_legs > 0)")
 
     rows, violations, unknown_legs = _fetch_one(connection, sql.SQL(
@@ -161,8 +161,8 @@ def check_trial_balance(schema: LedgerSchema, connection: Connection, *,
     net = schema.net_value()
     rows = connection.execute(sql.SQL(
         "SELECT {currency}, count(*), count(*) FILTER (WHERE {net} IS NULL), "
-        "sum({debit}), sum({credit}) FROM {postings} GROUP BY 1 ORDER BY 1"
-    ).format(currency=schema.currency_ref, net=net, debit=schema.debit_value(),
+        "sum({debit}), sum({credit}) FROM {postings} GROUP BY {currency_group} ORDER BY 1"
+    ).format(currency=schema.currency_ref, currency_group=schema.currency_group, net=net, debit=schema.debit_value(),
              credit=schema.credit_value(), postings=schema.postings_table)).fetchall()
 
     examined = 0
@@ -319,7 +319,7 @@ def check_mixed_currency(schema: LedgerSchema, connection: Connection, *,
     grouped = sql.SQL(
         "SELECT {txn} AS txn, count(*) AS legs, min({currency}) <> max({currency}) AS mixed "
         "FROM {postings} GROUP BY {txn}"
-    ).format(txn=schema.transaction_ref, currency=schema.currency_ref,
+    ).format(txn=schema.transaction_ref, currency=schema.currency_group,
              postings=schema.postings_table)
 
     rows, violations = _fetch_one(connection, sql.SQL(
@@ -446,8 +446,8 @@ def fingerprint_buckets(schema: LedgerSchema, connection: Connection) -> dict[st
     buckets: dict[str, Bucket] = {}
     for bucket_day, currency, rows, debits, credits, row_hash in connection.execute(sql.SQL(
         "SELECT {day}, {currency}, count(*), sum({debit}), sum({credit}), "
-        "sum(hashtextextended(ROW({row})::text, 0)) FROM {source} GROUP BY 1, 2"
-    ).format(day=day, currency=schema.currency_ref, debit=schema.debit_value(),
+        "sum(hashtextextended(ROW({row})::text, 0)) FROM {source} GROUP BY 1, {currency_group}"
+    ).format(day=day, currency=schema.currency_ref, currency_group=schema.currency_group, debit=schema.debit_value(),
              credit=schema.credit_value(), row=sql.SQL(", ").join(row_parts), source=source)):
         key = f"{_key(bucket_day)}/{_key(currency)}"
         buckets[key] = Bucket(
