@@ -162,8 +162,9 @@ def check_trial_balance(schema: LedgerSchema, connection: Connection, *,
     rows = connection.execute(sql.SQL(
         "SELECT {currency}, count(*), count(*) FILTER (WHERE {net} IS NULL), "
         "sum({debit}), sum({credit}) FROM {postings} GROUP BY {currency_group} ORDER BY 1"
-    ).format(currency=schema.currency_ref, currency_group=schema.currency_group, net=net, debit=schema.debit_value(),
-             credit=schema.credit_value(), postings=schema.postings_table)).fetchall()
+    ).format(currency=schema.currency_ref, currency_group=schema.currency_group, net=net,
+             debit=schema.debit_value(), credit=schema.credit_value(),
+             postings=schema.postings_table)).fetchall()
 
     examined = 0
     unknown_total = 0
@@ -447,8 +448,9 @@ def fingerprint_buckets(schema: LedgerSchema, connection: Connection) -> dict[st
     for bucket_day, currency, rows, debits, credits, row_hash in connection.execute(sql.SQL(
         "SELECT {day}, {currency}, count(*), sum({debit}), sum({credit}), "
         "sum(hashtextextended(ROW({row})::text, 0)) FROM {source} GROUP BY 1, {currency_group}"
-    ).format(day=day, currency=schema.currency_ref, currency_group=schema.currency_group, debit=schema.debit_value(),
-             credit=schema.credit_value(), row=sql.SQL(", ").join(row_parts), source=source)):
+    ).format(day=day, currency=schema.currency_ref, currency_group=schema.currency_group,
+             debit=schema.debit_value(), credit=schema.credit_value(),
+             row=sql.SQL(", ").join(row_parts), source=source)):
         key = f"{_key(bucket_day)}/{_key(currency)}"
         buckets[key] = Bucket(
             rows=_as_int(rows),
