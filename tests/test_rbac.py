@@ -55,7 +55,7 @@ OPERATOR_SERVICE_ACCOUNT = "dbsync-operator"
 
 
 class CallRecord(Protocol):
-    """What RBAC sees of a request; the emulator's ``RequestRecord`` has these attributes."""
+    """The request fields RBAC decides on, as in the emulator's ``RequestRecord``."""
 
     @property
     def verb(self) -> str: ...
@@ -133,10 +133,10 @@ def rule_allows(rule: Mapping[str, Any], call: ApiCall, *, verb: str, group: str
     if group not in ("*", call.api_group):
         return False
     if call.subresource:
-        wanted = {f"{call.resource}/{call.subresource}", f"*/{call.subresource}", "*"}
+        matching = {f"{call.resource}/{call.subresource}", f"*/{call.subresource}", "*"}
     else:
-        wanted = {call.resource, "*"}
-    if resource not in wanted:
+        matching = {call.resource, "*"}
+    if resource not in matching:
         return False
 
     # resourceNames limit a rule to named objects, so calls without a name are not allowed.
