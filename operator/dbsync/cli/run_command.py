@@ -30,6 +30,18 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "criterion holds, 1 when the sync ran but one failed, 2 on bad usage or an "
         "unreachable database.",
     )
+    add_request_arguments(parser)
+    parser.add_argument("--approved-plan", metavar="HASH",
+                        help="apply only if the plan computed under the lock has this hash "
+                        "(from 'dbsync plan')")
+    parser.add_argument("--approver", metavar="NAME",
+                        help="who approved the plan, recorded in the audit trail as given "
+                        "(dbsync cannot verify it)")
+    parser.set_defaults(handler=run)
+
+
+def add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the options that describe a sync request (shared by run and plan)."""
     parser.add_argument("--source", metavar="DSN", default=os.environ.get(SOURCE_DSN_VARIABLE),
                         help=f"source (reference) database; default ${SOURCE_DSN_VARIABLE}")
     parser.add_argument("--target", metavar="DSN", default=os.environ.get(TARGET_DSN_VARIABLE),
@@ -61,8 +73,6 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                         help="connection timeout per database, in seconds (default 10)")
     parser.add_argument("--traceparent", metavar="HEADER",
                         help="W3C traceparent of an outer trace this sync joins")
-    parser.add_argument("--approved-plan", metavar="HASH",
-                        help="apply only if the plan computed under the lock has this hash")
     parser.add_argument("--ignore-schema", action="append", default=[], metavar="SCHEMA",
                         help="schema the diff ignores (repeatable)")
     parser.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
@@ -73,10 +83,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                         "then ignored")
     parser.add_argument("--output", choices=("text", "json"), default="text",
                         help="report format on standard output (default text)")
-    parser.set_defaults(handler=run)
 
 
-def _request_from_arguments(args: argparse.Namespace) -> dict[str, Any]:
+def request_from_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the request fields from command line options, loading the ledger file."""
     if not args.source:
         raise ConfigurationError(
             f"missing source database: pass --source DSN or set ${SOURCE_DSN_VARIABLE}")
@@ -105,12 +115,14 @@ def _request_from_arguments(args: argparse.Namespace) -> dict[str, Any]:
         "statement_timeout_ms": args.statement_timeout_ms,
         "connect_timeout_seconds": args.connect_timeout,
         "traceparent": args.traceparent,
-        "approved_plan": args.approved_plan,
+        "approved_plan": getattr(args, "approved_plan", None),
+        "approver": getattr(args, "approver", None),
         "diff": {"ignore_schemas": args.ignore_schema, "ignore_patterns": args.ignore},
     }
 
 
-def _request_from_config(location: str) -> dict[str, Any]:
+def request_from_config(location: str) -> dict[str, Any]:
+    """Read the request fields as a JSON object from a file, or from standard input for '-'."""
     try:
         text = sys.stdin.read() if location == "-" else Path(location).read_text("utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -126,7 +138,8 @@ def _request_from_config(location: str) -> dict[str, Any]:
     return loaded
 
 
-def _validation_message(error: ValidationError) -> str:
+def validation_message(error: ValidationError) -> str:
+    """Summarize pydantic's errors as one line naming each invalid field."""
     problems = []
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"]) or "request"
@@ -143,13 +156,13 @@ def run(args: argparse.Namespace) -> int:
     sync_id = uuid.uuid4()
     dry_run = args.dry_run or "off"
     try:
-        fields = (_request_from_config(args.config) if args.config
-                  else _request_from_arguments(args))
+        fields = (request_from_config(args.config) if args.config
+                  else request_from_arguments(args))
         fields.setdefault("sync_id", str(sync_id))
         try:
             request = SyncRequest.model_validate(fields)
         except ValidationError as error:
-            raise ConfigurationError(_validation_message(error)) from None
+            raise ConfigurationError(validation_message(error)) from None
         sync_id = request.sync_id or sync_id
         dry_run = request.dry_run.value
         report = run_sync(request)

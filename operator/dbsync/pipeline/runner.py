@@ -46,6 +46,13 @@ from dbsync.pipeline.migrate import (
     load_scripts,
     migrate,
 )
+from dbsync.pipeline.plan import (
+    PlanChangedError,
+    SyncPlan,
+    compute_plan,
+    describe_changes,
+    find_recorded_plan,
+)
 from dbsync.pipeline.report import (
     Criterion,
     ErrorReport,
@@ -69,6 +76,7 @@ class _RunState:
     migration: MigrateResult | None = None
     diff: DiffResult | None = None
     ledger: LedgerResult | None = None
+    plan: SyncPlan | None = None
     error: ErrorReport | None = None
 
 
@@ -280,12 +288,62 @@ def _run_locked_steps(request: SyncRequest, *, steps: _Steps, state: _RunState,
         if state.error is not None:
             return
 
+        # An approved plan must still be the plan now, with the lock held, or nothing runs.
+        if request.approved_plan is not None:
+            announce("plan")
+            request = _plan_step(request, steps=steps, state=state)
+            if state.error is not None:
+                return
+
         announce("migrate")
         _migrate_step(request, steps=steps, state=state, sync_id=sync_id)
         announce("diff")
         _diff_step(request, steps=steps, state=state)
         announce("ledger")
         _ledger_step(request, steps=steps, state=state)
+
+
+def _plan_step(request: SyncRequest, *, steps: _Steps, state: _RunState) -> SyncRequest:
+    """Recompute the plan and compare its hash with the approved one.
+
+    Returns the request pinned to the plan's resolved revision, so that a source moving on
+    after the check cannot change what is applied.
+    """
+    approved_hash = request.approved_plan
+    assert approved_hash is not None
+    with steps.step("plan", OperationType.PLAN) as handle:
+        current = compute_plan(
+            target_dsn=request.target_dsn, source_dsn=request.source_dsn,
+            migrations_dir=(Path(request.migrations_dir) if request.run_migrations
+                            and request.migrations_dir is not None else None),
+            revision=request.revision, allow_downgrade=request.allow_downgrade,
+            ledger=request.ledger, diff_options=_diff_options(request))
+        state.plan = current
+        handle.metadata = {"approved_plan": approved_hash, "current_plan": current.hash,
+                           "plan_matches": current.hash == approved_hash,
+                           "plan": current.to_dict()}
+        if current.hash != approved_hash:
+            approved = find_recorded_plan(request.audit_dsn or request.target_dsn,
+                                          approved_hash)
+            changes = describe_changes(approved, current)
+            raise PlanChangedError(
+                f"the plan changed since it was approved, so nothing was applied: approved "
+                f"{approved_hash}, now {current.hash}; changes: {'; '.join(changes)}. Review "
+                "the new plan and approve its hash", approved_hash=approved_hash,
+                current_hash=current.hash, changes=changes)
+        handle.message = f"plan {current.hash} matches the approved plan"
+    if current.target_revision is None or current.target_revision == request.revision:
+        return request
+    return request.model_copy(update={"revision": current.target_revision})
+
+
+def _diff_options(request: SyncRequest) -> DiffOptions:
+    return DiffOptions(
+        ignore_schemas=tuple(request.diff.ignore_schemas),
+        ignore_patterns=tuple(request.diff.ignore_patterns),
+        ignore_kinds=tuple(request.diff.ignore_kinds),
+        connect_timeout_seconds=request.connect_timeout_seconds,
+    )
 
 
 def _migrate_step(request: SyncRequest, *, steps: _Steps, state: _RunState,
@@ -344,14 +402,8 @@ def _diff_step(request: SyncRequest, *, steps: _Steps, state: _RunState) -> None
             handle.result = StepResult.SKIPPED
             handle.message = "skipped after an earlier error"
             return
-        options = DiffOptions(
-            ignore_schemas=tuple(request.diff.ignore_schemas),
-            ignore_patterns=tuple(request.diff.ignore_patterns),
-            ignore_kinds=tuple(request.diff.ignore_kinds),
-            connect_timeout_seconds=request.connect_timeout_seconds,
-        )
         result = diff_databases(source_dsn=request.source_dsn, target_dsn=request.target_dsn,
-                                options=options)
+                                options=_diff_options(request))
         state.diff = result
         handle.schema_changes = result.to_dict()
         handle.message = f"{len(result.differences)} schema differences"
@@ -477,6 +529,7 @@ def _build_report(request: SyncRequest, *, sync_id: uuid.UUID, state: _RunState,
         migration=migration.to_dict() if migration else None,
         drift=diff.to_dict() if diff else None,
         ledger=state.ledger.to_dict(include_amounts=False) if state.ledger else None,
+        plan=state.plan.summary() if state.plan else None,
         error=state.error,
         audit_operations=tuple(operations),
     )

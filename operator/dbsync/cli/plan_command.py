@@ -1,0 +1,84 @@
+"""``dbsync plan``: print what a sync would do to the target now, and the hash to approve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import uuid
+
+from pydantic import ValidationError
+
+from dbsync.cli.run_command import (
+    add_request_arguments,
+    request_from_arguments,
+    request_from_config,
+    validation_message,
+)
+from dbsync.pipeline import logs
+from dbsync.pipeline.errors import EXIT_OK, ConfigurationError
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``dbsync plan``."""
+    parser = subparsers.add_parser(
+        "plan",
+        help="show what a sync would do to the target now, and its plan hash",
+        description="Compute the plan of a sync: pending revisions with their checksums and "
+        "SQL, the target's revision, a fingerprint of its schema and the ledger checks. The "
+        "plan is recorded in the audit trail. 'dbsync run --approved-plan HASH' applies only "
+        "while the plan still has that hash.",
+    )
+    add_request_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compute, record and print the plan."""
+    from dbsync.pipeline.audit import (
+        AuditContext,
+        AuditTrail,
+        OperationStatus,
+        OperationType,
+        Requester,
+    )
+    from dbsync.pipeline.diff import DiffOptions
+    from dbsync.pipeline.dsn import describe
+    from dbsync.pipeline.plan import compute_plan
+    from dbsync.pipeline.request import SyncRequest
+
+    logs.configure(json_output=True if args.output == "json" else None)
+    fields = request_from_config(args.config) if args.config else request_from_arguments(args)
+    try:
+        request = SyncRequest.model_validate(fields)
+    except ValidationError as error:
+        raise ConfigurationError(validation_message(error)) from None
+
+    plan = compute_plan(
+        target_dsn=request.target_dsn, source_dsn=request.source_dsn,
+        migrations_dir=request.migrations_dir if request.run_migrations else None,
+        revision=request.revision, allow_downgrade=request.allow_downgrade,
+        ledger=request.ledger,
+        diff_options=DiffOptions(
+            ignore_schemas=tuple(request.diff.ignore_schemas),
+            ignore_patterns=tuple(request.diff.ignore_patterns),
+            ignore_kinds=tuple(request.diff.ignore_kinds),
+            connect_timeout_seconds=request.connect_timeout_seconds))
+
+    # The full plan goes to the audit trail, so a later mismatch can say what changed.
+    requester = (Requester(**request.requester.model_dump()) if request.requester
+                 else Requester.from_cli())
+    context = AuditContext(
+        sync_id=request.sync_id or uuid.uuid4(), requester=requester,
+        database=describe(request.target_dsn, role="target"), plan_hash=plan.hash,
+        traceparent=request.traceparent)
+    with AuditTrail(dsn=request.audit_dsn or request.target_dsn, context=context,
+                    connect_timeout_seconds=request.connect_timeout_seconds) as audit:
+        operation = audit.start(OperationType.PLAN, name="plan")
+        audit.finish(operation, OperationStatus.SUCCESS, metadata={"plan": plan.to_dict()})
+
+    if args.output == "json":
+        print(json.dumps({"sync_id": str(context.sync_id), **plan.to_dict(),
+                          "summary": plan.summary()}, indent=2))
+    else:
+        print(plan.render_text())
+    return EXIT_OK
