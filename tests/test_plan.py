@@ -80,7 +80,7 @@ def test_plan_hash_is_deterministic(db_pair: DatabasePair, tmp_path: Path) -> No
 
 
 def test_approved_plan_applies_planned_revisions(db_pair: DatabasePair, tmp_path: Path) -> None:
-    """Approving the hash applies exactly the planned revisions; audit rows carry hash and approver."""
+    """Approving the hash applies exactly the planned revisions, audited with hash and approver."""
     migrations = _prepare(db_pair, tmp_path)
     plan = _plan(db_pair, migrations)
     planned = [item["revision"] for item in plan["revisions"]]  # type: ignore[attr-defined]
