@@ -72,7 +72,7 @@ class SchemaIntrospectionError(DbsyncError):
 PropertyValue = str | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CatalogObject:
     """One schema object as read from the catalog, with the properties the diff compares.
 
@@ -103,6 +103,9 @@ class Schema:
     server_version_num: int
     objects: Mapping[str, Mapping[tuple[str, ...], CatalogObject]] = field(
         default_factory=lambda: MappingProxyType({}))
+    # Column names (unquoted) of each table, by (schema, table), in attribute number order.
+    column_orders: Mapping[tuple[str, ...], tuple[str, ...]] = field(
+        default_factory=lambda: MappingProxyType({}))
 
     def of_kind(self, kind: str) -> Mapping[tuple[str, ...], CatalogObject]:
         return self.objects.get(kind, MappingProxyType({}))
@@ -122,11 +125,11 @@ def _user_schema(alias: str) -> str:
 
 
 def _not_extension_member(catalog: str, oid_expression: str) -> str:
-    # Objects created by CREATE EXTENSION are compared through the extension's version.
+    # Objects created by CREATE EXTENSION are compared through the extension's version. The
+    # uncorrelated NOT IN runs once as a hashed subplan instead of one probe per row.
     return (
-        "NOT EXISTS (SELECT 1 FROM pg_depend ext_dep "
-        f"WHERE ext_dep.classid = '{catalog}'::regclass AND ext_dep.objid = {oid_expression} "
-        "AND ext_dep.deptype = 'e')"
+        f"{oid_expression} NOT IN (SELECT ext_dep.objid FROM pg_depend ext_dep "
+        f"WHERE ext_dep.classid = '{catalog}'::regclass AND ext_dep.deptype = 'e')"
     )
 
 
@@ -164,11 +167,17 @@ WHERE c.relkind IN ('r', 'p') AND {_user_schema('n')}
   AND {_not_extension_member('pg_class', 'c.oid')}
 """
 
+# Type names come from _TYPES_SQL, which formats each distinct (type, modifier) pair once
+# instead of once per column.
+_TYPES_SQL = """
+SELECT pair.atttypid, pair.atttypmod, format_type(pair.atttypid, pair.atttypmod)
+FROM (SELECT DISTINCT atttypid, atttypmod FROM pg_attribute WHERE attnum > 0) pair
+"""
+
 _COLUMNS_SQL = f"""
 SELECT n.nspname, c.relname, a.attname,
   quote_ident(n.nspname) || '.' || quote_ident(c.relname) || '.' || quote_ident(a.attname),
-  a.attnum,
-  format_type(a.atttypid, a.atttypmod) || repeat('[]', greatest(a.attndims - 1, 0)),
+  a.attnum, a.attrelid, quote_ident(a.attname), a.atttypid, a.atttypmod, a.attndims,
   CASE WHEN a.attcollation <> t.typcollation THEN a.attcollation::regcollation::text END,
   a.attnotnull,
   CASE WHEN a.attgenerated = '' THEN pg_get_expr(ad.adbin, ad.adrelid) END,
@@ -198,14 +207,11 @@ WHERE c.relkind IN ('r', 'p') AND a.attnum > 0
 
 def _constraints_sql(version: int) -> str:
     # NULLS NOT DISTINCT and ON DELETE SET NULL (columns) arrived in 15, NOT ENFORCED in 18.
+    # Column numbers are turned into names with the map the columns query filled.
     nulls_not_distinct = (
         "(SELECT i.indnullsnotdistinct FROM pg_index i WHERE i.indexrelid = con.conindid)"
         if version >= 150000 else "false")
-    delete_set_columns = (
-        "(SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord) "
-        " FROM unnest(con.confdelsetcols) WITH ORDINALITY k(attnum, ord) "
-        " JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum)"
-        if version >= 150000 else "NULL")
+    delete_set_columns = "con.confdelsetcols" if version >= 150000 else "NULL::int2[]"
     enforced = "con.conenforced" if version >= 180000 else "true"
     return f"""
 SELECT n.nspname, c.relname, con.conname,
@@ -213,14 +219,9 @@ SELECT n.nspname, c.relname, con.conname,
   con.contype,
   CASE WHEN con.contype IN ('p', 'u', 'x') THEN pg_get_constraintdef(con.oid) END,
   CASE WHEN con.contype = 'c' THEN pg_get_expr(con.conbin, con.conrelid) END,
-  (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord)
-   FROM unnest(con.conkey) WITH ORDINALITY k(attnum, ord)
-   JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum),
-  CASE WHEN con.contype = 'f' THEN con.confrelid::regclass::text || ' (' ||
-    (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord)
-     FROM unnest(con.confkey) WITH ORDINALITY k(attnum, ord)
-     JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum) || ')' END,
-  con.confupdtype, con.confdeltype, {delete_set_columns}, con.confmatchtype,
+  con.conrelid, con.conkey,
+  CASE WHEN con.contype = 'f' THEN con.confrelid::regclass::text END, con.confrelid,
+  con.confkey, con.confupdtype, con.confdeltype, {delete_set_columns}, con.confmatchtype,
   con.condeferrable, con.condeferred, con.convalidated, con.connoinherit, {enforced},
   CASE WHEN con.contype = 'u' THEN {nulls_not_distinct} END
 FROM pg_constraint con
@@ -365,6 +366,23 @@ WHERE {_user_schema('n')} AND {_not_extension_member('pg_class', 'c.oid')}
 
 Row = Sequence[Any]
 
+
+@dataclass
+class _ReadContext:
+    """Lookups filled by earlier queries and used to convert the rows of later ones."""
+
+    type_names: dict[tuple[int, int], str] = field(default_factory=dict)
+    column_names: dict[tuple[int, int], str] = field(default_factory=dict)
+    column_positions: dict[tuple[str, str], list[tuple[int, str]]] = field(default_factory=dict)
+
+    def column_list(self, relation_oid: int, attnums: Sequence[int] | None) -> str | None:
+        if not attnums:
+            return None
+        # A relation the columns query did not read (one owned by an extension) shows
+        # column numbers instead of names.
+        return ", ".join(self.column_names.get((relation_oid, attnum), f"#{attnum}")
+                         for attnum in attnums)
+
 _TABLE_KINDS = {"r": "table", "p": "partitioned table"}
 _PERSISTENCE = {"p": "permanent", "u": "unlogged", "t": "temporary"}
 _CONSTRAINT_TYPES = {
@@ -431,9 +449,16 @@ def _table_object(row: Row) -> CatalogObject:
     ))
 
 
-def _column_object(row: Row) -> CatalogObject:
-    (schema, table, name, display, position, data_type, collation, not_null, default,
-     identity, identity_sequence, generated_kind, generated_expression, comment) = row
+def _column_object(row: Row, context: _ReadContext) -> CatalogObject:
+    (schema, table, name, display, position, relation_oid, quoted_name, type_oid, type_modifier,
+     dimensions, collation, not_null, default, identity, identity_sequence, generated_kind,
+     generated_expression, comment) = row
+    context.column_names[(relation_oid, position)] = quoted_name
+    context.column_positions.setdefault((schema, table), []).append((position, name))
+    data_type = context.type_names.get((type_oid, type_modifier), f"type {type_oid}")
+    if dimensions > 1:
+        # format_type prints one [] whatever the declared dimensions.
+        data_type += "[]" * (dimensions - 1)
     generated = (f"{_GENERATED.get(generated_kind, generated_kind)} {generated_expression}"
                  if generated_kind else None)
     return CatalogObject(
@@ -441,7 +466,7 @@ def _column_object(row: Row) -> CatalogObject:
         position=position, properties=(
             ("type", data_type),
             ("collation", collation),
-            ("not_null", _yes_no(not_null)),
+            ("not_null", "yes" if not_null else "no"),
             ("default", default),
             ("identity", _IDENTITY.get(identity) if identity else None),
             ("identity_sequence", identity_sequence),
@@ -450,10 +475,11 @@ def _column_object(row: Row) -> CatalogObject:
         ))
 
 
-def _constraint_object(row: Row) -> CatalogObject:
-    (schema, table, name, display, contype, definition, check_expression, columns, references,
-     update_action, delete_action, delete_set_columns, match_type, deferrable, deferred,
-     validated, no_inherit, enforced, nulls_not_distinct) = row
+def _constraint_object(row: Row, context: _ReadContext) -> CatalogObject:
+    (schema, table, name, display, contype, definition, check_expression, relation_oid,
+     key_attnums, referenced_table, referenced_oid, referenced_attnums, update_action,
+     delete_action, delete_set_attnums, match_type, deferrable, deferred, validated, no_inherit,
+     enforced, nulls_not_distinct) = row
     properties: list[tuple[str, PropertyValue]] = [("type", _CONSTRAINT_TYPES[contype])]
 
     if contype in ("p", "u", "x"):
@@ -467,11 +493,13 @@ def _constraint_object(row: Row) -> CatalogObject:
             properties.append(("nulls_not_distinct", _yes_no(nulls_not_distinct)))
     elif contype == "f":
         on_delete = _FOREIGN_KEY_ACTIONS[delete_action]
+        delete_set_columns = context.column_list(relation_oid, delete_set_attnums)
         if delete_set_columns:
             on_delete = f"{on_delete} ({delete_set_columns})"
+        referenced_columns = context.column_list(referenced_oid, referenced_attnums)
         properties.extend([
-            ("columns", columns),
-            ("references", references),
+            ("columns", context.column_list(relation_oid, key_attnums)),
+            ("references", f"{referenced_table} ({referenced_columns})"),
             ("on_update", _FOREIGN_KEY_ACTIONS[update_action]),
             ("on_delete", on_delete),
             ("match", _FOREIGN_KEY_MATCH[match_type]),
@@ -617,27 +645,33 @@ def _policy_object(row: Row) -> CatalogObject:
 class _CatalogQuery:
     label: str
     sql: Callable[[int], str]
-    to_object: Callable[[Row], CatalogObject]
+    to_object: Callable[[Row, _ReadContext], CatalogObject]
 
 
 def _fixed(text: str) -> Callable[[int], str]:
     return lambda _version: text
 
 
+def _plain(convert: Callable[[Row], CatalogObject]
+           ) -> Callable[[Row, _ReadContext], CatalogObject]:
+    return lambda row, _context: convert(row)
+
+
+# Order matters: the columns query fills the column names that the constraints query uses.
 _QUERIES: tuple[_CatalogQuery, ...] = (
-    _CatalogQuery("schemas", _fixed(_SCHEMAS_SQL), _schema_object),
-    _CatalogQuery("extensions", _fixed(_EXTENSIONS_SQL), _extension_object),
-    _CatalogQuery("tables", _fixed(_TABLES_SQL), _table_object),
+    _CatalogQuery("schemas", _fixed(_SCHEMAS_SQL), _plain(_schema_object)),
+    _CatalogQuery("extensions", _fixed(_EXTENSIONS_SQL), _plain(_extension_object)),
+    _CatalogQuery("tables", _fixed(_TABLES_SQL), _plain(_table_object)),
     _CatalogQuery("columns", _fixed(_COLUMNS_SQL), _column_object),
     _CatalogQuery("constraints", _constraints_sql, _constraint_object),
-    _CatalogQuery("indexes", _indexes_sql, _index_object),
-    _CatalogQuery("sequences", _fixed(_SEQUENCES_SQL), _sequence_object),
-    _CatalogQuery("views", _fixed(_VIEWS_SQL), _view_object),
-    _CatalogQuery("functions", _fixed(_FUNCTIONS_SQL), _function_object),
-    _CatalogQuery("triggers", _fixed(_TRIGGERS_SQL), _trigger_object),
-    _CatalogQuery("enums", _fixed(_ENUMS_SQL), _enum_object),
-    _CatalogQuery("domains", _fixed(_DOMAINS_SQL), _domain_object),
-    _CatalogQuery("policies", _fixed(_POLICIES_SQL), _policy_object),
+    _CatalogQuery("indexes", _indexes_sql, _plain(_index_object)),
+    _CatalogQuery("sequences", _fixed(_SEQUENCES_SQL), _plain(_sequence_object)),
+    _CatalogQuery("views", _fixed(_VIEWS_SQL), _plain(_view_object)),
+    _CatalogQuery("functions", _fixed(_FUNCTIONS_SQL), _plain(_function_object)),
+    _CatalogQuery("triggers", _fixed(_TRIGGERS_SQL), _plain(_trigger_object)),
+    _CatalogQuery("enums", _fixed(_ENUMS_SQL), _plain(_enum_object)),
+    _CatalogQuery("domains", _fixed(_DOMAINS_SQL), _plain(_domain_object)),
+    _CatalogQuery("policies", _fixed(_POLICIES_SQL), _plain(_policy_object)),
 )
 
 
@@ -664,18 +698,27 @@ def _read_catalog(connection: psycopg.Connection[Any]) -> Schema:
             f"the schema diff needs PostgreSQL 14 or later, but the server reports "
             f"server_version_num {version}: upgrade the server or compare with pg_dump")
 
+    context = _ReadContext()
+    cursor.execute(_TYPES_SQL)
+    for type_oid, type_modifier, type_name in cursor.fetchall():
+        context.type_names[(type_oid, type_modifier)] = type_name
+
     objects: dict[str, dict[tuple[str, ...], CatalogObject]] = {kind: {} for kind in OBJECT_KINDS}
     for query in _QUERIES:
         cursor.execute(query.sql(version))
         for row in cursor.fetchall():
-            item = query.to_object(row)
+            item = query.to_object(row, context)
             objects[item.kind][item.key] = item
         logger.debug("read %s from the catalog", query.label)
 
+    column_orders: dict[tuple[str, ...], tuple[str, ...]] = {
+        table: tuple(name for _, name in sorted(columns))
+        for table, columns in context.column_positions.items()}
     return Schema(
         server_version_num=version,
         objects=MappingProxyType(
             {kind: MappingProxyType(items) for kind, items in objects.items()}),
+        column_orders=MappingProxyType(column_orders),
     )
 
 

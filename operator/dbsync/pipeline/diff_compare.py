@@ -195,38 +195,50 @@ def _object_names(item: CatalogObject) -> Iterable[str]:
         yield ".".join(item.owner)
 
 
-def _own_name(item: CatalogObject) -> str:
-    return item.key[1] if item.kind in ("function", "procedure") else item.key[-1]
+def visible_objects(schema: Schema, options: DiffOptions
+                    ) -> dict[str, dict[tuple[str, ...], CatalogObject]]:
+    """Return the snapshot's objects by kind, without those the ignore rules leave out.
 
+    An ignored table or view takes its columns, constraints, indexes, triggers and policies
+    with it. The dbsync_* name rule applies to objects that stand alone, so a user table's
+    column named dbsync_something is still compared.
+    """
+    ignored_schemas = frozenset(options.ignore_schemas)
+    patterns = options.ignore_patterns
 
-def _is_dbsync_name(name: str) -> bool:
-    return name in DBSYNC_OBJECT_NAMES or name.startswith(DBSYNC_NAME_PREFIX)
-
-
-def _is_ignored(item: CatalogObject, options: DiffOptions) -> bool:
-    if item.kind in options.ignore_kinds:
-        return True
-    if item.kind != "extension" and item.schema in options.ignore_schemas:
-        return True
-    if not options.include_dbsync_objects:
-        if _is_dbsync_name(_own_name(item)):
+    def is_ignored(kind: str, key: tuple[str, ...], item: CatalogObject) -> bool:
+        # Extensions are database-wide: their key holds a name, not a schema.
+        if kind != "extension" and key[0] in ignored_schemas:
             return True
-        if item.owner is not None and _is_dbsync_name(item.owner[1]):
-            return True
-    return any(
-        fnmatchcase(name, pattern)
-        for pattern in options.ignore_patterns
-        for name in _object_names(item)
-    )
+        if item.owner is None and not options.include_dbsync_objects:
+            own_name = key[1] if kind in ("function", "procedure") else key[-1]
+            if own_name.startswith(DBSYNC_NAME_PREFIX) or own_name in DBSYNC_OBJECT_NAMES:
+                return True
+        return bool(patterns) and any(
+            fnmatchcase(name, pattern) for pattern in patterns for name in _object_names(item))
 
+    # Tables and views are filtered first, so that owned objects need one set lookup each.
+    ignored_owners: set[tuple[str, ...]] = set()
+    for kind in _CONTAINER_KINDS:
+        for key, item in schema.of_kind(kind).items():
+            if is_ignored(kind, key, item):
+                ignored_owners.add(key)
 
-def _visible_objects(schema: Schema, options: DiffOptions
-                     ) -> dict[str, dict[tuple[str, ...], CatalogObject]]:
-    return {
-        kind: {key: item for key, item in schema.of_kind(kind).items()
-               if not _is_ignored(item, options)}
-        for kind in OBJECT_KINDS
-    }
+    visible: dict[str, dict[tuple[str, ...], CatalogObject]] = {}
+    for kind in OBJECT_KINDS:
+        items: dict[tuple[str, ...], CatalogObject] = {}
+        visible[kind] = items
+        if kind in options.ignore_kinds:
+            continue
+        for key, item in schema.of_kind(kind).items():
+            if kind in _CONTAINER_KINDS:
+                hidden = key in ignored_owners
+            else:
+                hidden = (item.owner is not None and item.owner in ignored_owners) or (
+                    is_ignored(kind, key, item))
+            if not hidden:
+                items[key] = item
+    return visible
 
 
 # --- Hazards -------------------------------------------------------------------------------------
@@ -437,29 +449,29 @@ def _owner_on_both_sides(item: CatalogObject, this_side: ObjectsByKind,
                for kind in _CONTAINER_KINDS)
 
 
-def _is_partition_on_both_sides(table_key: tuple[str, ...], source: ObjectsByKind,
-                                target: ObjectsByKind) -> bool:
-    """Tell whether a table is a partition in both databases.
-
-    PostgreSQL forces a partition's columns to match its parent's, so comparing them again
-    would repeat each parent difference once per partition.
-    """
-    for side in (source, target):
-        table = side["table"].get(table_key)
-        if table is None or table.property_map().get("partition") is None:
-            return False
-    return True
+def _partitions(objects: ObjectsByKind) -> set[tuple[str, ...]]:
+    return {key for key, table in objects["table"].items()
+            if table.property_map().get("partition") is not None}
 
 
-def _compare_kind(kind: str, source: ObjectsByKind, target: ObjectsByKind) -> list[Difference]:
+def _compare_kind(kind: str, source: ObjectsByKind, target: ObjectsByKind,
+                  partitions_on_both_sides: set[tuple[str, ...]]) -> list[Difference]:
     differences: list[Difference] = []
     source_items = source[kind]
     target_items = target[kind]
 
-    for key in sorted(source_items.keys() | target_items.keys()):
+    # Most objects are equal, so keys are sorted only once they are known to differ.
+    changed_keys = [key for key, item in source_items.items()
+                    if (other := target_items.get(key)) is None
+                    or other.properties != item.properties]
+    changed_keys.extend(key for key in target_items if key not in source_items)
+
+    for key in sorted(changed_keys):
         source_item = source_items.get(key)
         target_item = target_items.get(key)
-        if kind == "column" and _is_partition_on_both_sides(key[:2], source, target):
+        # PostgreSQL forces a partition's columns to match its parent's, so comparing them
+        # again would repeat each parent difference once per partition.
+        if kind == "column" and key[:2] in partitions_on_both_sides:
             continue
 
         if target_item is None:
@@ -476,55 +488,63 @@ def _compare_kind(kind: str, source: ObjectsByKind, target: ObjectsByKind) -> li
                                                ABSENT, PRESENT, _extra_hazard(target_item)))
             continue
 
-        source_properties = source_item.property_map()
-        target_properties = target_item.property_map()
-        for property_name, source_value in source_item.properties:
-            target_value = target_properties.get(property_name)
-            if source_value == target_value:
-                continue
-            gate = _GATED_PROPERTIES.get((kind, property_name))
-            if gate is not None and (
-                    source_properties.get(gate) is None or target_properties.get(gate) is None):
-                continue
-            differences.append(_difference(
-                kind, source_item.name, property_name, source_value, target_value,
-                _property_hazard(kind, property_name, source_value, target_value)))
+        differences.extend(_compare_properties(kind, source_item, target_item))
     return differences
 
 
-def _compare_column_order(source: ObjectsByKind, target: ObjectsByKind) -> list[Difference]:
-    """Report tables whose shared columns come in a different order (a low-severity finding)."""
-    source_orders = _column_orders(source)
-    target_orders = _column_orders(target)
+def _compare_properties(kind: str, source_item: CatalogObject,
+                        target_item: CatalogObject) -> list[Difference]:
     differences: list[Difference] = []
-    for table_key in sorted(source_orders.keys() & target_orders.keys()):
-        if _is_partition_on_both_sides(table_key, source, target):
+    source_properties = source_item.property_map()
+    target_properties = target_item.property_map()
+    for property_name, source_value in source_item.properties:
+        target_value = target_properties.get(property_name)
+        if source_value == target_value:
             continue
-        source_columns = source_orders[table_key]
-        target_columns = target_orders[table_key]
-        shared = set(source_columns) & set(target_columns)
+        gate = _GATED_PROPERTIES.get((kind, property_name))
+        if gate is not None and (
+                source_properties.get(gate) is None or target_properties.get(gate) is None):
+            continue
+        differences.append(_difference(
+            kind, source_item.name, property_name, source_value, target_value,
+            _property_hazard(kind, property_name, source_value, target_value)))
+    return differences
+
+
+def _compare_column_order(source_schema: Schema, target_schema: Schema,
+                          source: ObjectsByKind, target: ObjectsByKind,
+                          partitions_on_both_sides: set[tuple[str, ...]]) -> list[Difference]:
+    """Report tables whose shared columns come in a different order (a low-severity finding).
+
+    Only columns visible after the ignore rules and present on both sides count, so an added
+    or dropped column is not also reported as a change of order.
+    """
+    differences: list[Difference] = []
+    for table_key in sorted(source["table"].keys() & target["table"].keys()):
+        source_columns = source_schema.column_orders.get(table_key, ())
+        target_columns = target_schema.column_orders.get(table_key, ())
+        if source_columns == target_columns or table_key in partitions_on_both_sides:
+            continue
+        shared = {name for name in source_columns if (*table_key, name) in source["column"]}
+        shared &= {name for name in target_columns if (*table_key, name) in target["column"]}
         source_order = [name for name in source_columns if name in shared]
         target_order = [name for name in target_columns if name in shared]
         if source_order == target_order:
             continue
+        quoted = _quoted_columns(source, table_key)
         differences.append(_difference(
-            "table", source["table"][table_key].name, COLUMN_ORDER, ", ".join(source_order),
-            ", ".join(target_order), _property_hazard("table", COLUMN_ORDER, None, None)))
+            "table", source["table"][table_key].name, COLUMN_ORDER,
+            ", ".join(quoted[name] for name in source_order),
+            ", ".join(quoted[name] for name in target_order),
+            _property_hazard("table", COLUMN_ORDER, None, None)))
     return differences
 
 
-def _column_orders(objects: ObjectsByKind) -> dict[tuple[str, ...], list[str]]:
-    """Return each table's quoted column names in attribute number order."""
-    positioned: dict[tuple[str, ...], list[tuple[int, str]]] = {}
-    for column in objects["column"].values():
-        assert column.owner is not None
-        table = objects["table"].get(column.owner)
-        if table is None:
-            continue
-        # A column's display name is its table's display name, a dot and the quoted column.
-        quoted_column = column.name[len(table.name) + 1:]
-        positioned.setdefault(column.owner, []).append((column.position, quoted_column))
-    return {table: [name for _, name in sorted(items)] for table, items in positioned.items()}
+def _quoted_columns(objects: ObjectsByKind, table_key: tuple[str, ...]) -> dict[str, str]:
+    """Map a table's column names to their quoted forms, taken from the display names."""
+    table_name = objects["table"][table_key].name
+    return {key[2]: column.name[len(table_name) + 1:]
+            for key, column in objects["column"].items() if key[:2] == table_key}
 
 
 def _summary(source: ObjectsByKind, target: ObjectsByKind) -> dict[str, dict[str, int]]:
@@ -536,14 +556,17 @@ def _summary(source: ObjectsByKind, target: ObjectsByKind) -> dict[str, dict[str
 
 def compare(source: Schema, target: Schema, options: DiffOptions = DEFAULT_OPTIONS) -> DiffResult:
     """Compare two snapshots and return every difference, after the ignore rules."""
-    source_objects = _visible_objects(source, options)
-    target_objects = _visible_objects(target, options)
+    source_objects = visible_objects(source, options)
+    target_objects = visible_objects(target, options)
 
+    partitions_on_both_sides = _partitions(source_objects) & _partitions(target_objects)
     differences: list[Difference] = []
     for kind in OBJECT_KINDS:
-        differences.extend(_compare_kind(kind, source_objects, target_objects))
+        differences.extend(
+            _compare_kind(kind, source_objects, target_objects, partitions_on_both_sides))
     if COLUMN_ORDER not in options.ignore_kinds and "column" not in options.ignore_kinds:
-        differences.extend(_compare_column_order(source_objects, target_objects))
+        differences.extend(_compare_column_order(
+            source, target, source_objects, target_objects, partitions_on_both_sides))
 
     return DiffResult(
         summary=MappingProxyType(_summary(source_objects, target_objects)),
