@@ -203,7 +203,7 @@ def run_operator_demo() -> int:
         run_sync(SyncRequest(source_dsn=source, target_dsn=source,
                              migrations_dir=REPOSITORY / "examples" / "migrations"))
         with psycopg.connect(source, autocommit=True) as connection:
-            connection.execute(SAMPLE_LEDGER_SQL)  # type: ignore[arg-type]
+            connection.execute(SAMPLE_LEDGER_SQL)
 
         secrets = [
             {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
@@ -247,8 +247,9 @@ def _watch_until_ready(kubectl: Kubectl | None, server_url: str,
                     f"{DEMO_RESOURCE}")
             with urllib.request.urlopen(server_url + path, timeout=30) as response:  # noqa: S310
                 resource = json.loads(response.read())
-            ready = condition_of(resource, "Ready") or {}
-            table = f"{DEMO_RESOURCE}  Ready={ready.get('status')}  {ready.get('reason')}\n"
+            summary = condition_of(resource, "Ready") or {}
+            table = (f"{DEMO_RESOURCE}  Ready={summary.get('status')}  "
+                     f"{summary.get('reason')}\n")
         # AGE and LAST SYNC change every second: print only when the status changed.
         ready = condition_of(resource, "Ready")
         status = resource.get("status") or {}

@@ -2,9 +2,13 @@
 
 Importing this module registers the handlers with kopf's default registry.  The change
 handlers run a full sync on create, on resume (once per operator start) and on spec
-changes; a separate handler reacts to the ``dbsync.io/run-at`` annotation.  Status writes
-(``status.observedGeneration`` included) all go through kopf's ``patch``; handlers return
-None, so nothing lands in ``status.<handler id>``.
+changes.  Their status writes (``status.observedGeneration`` included) go through kopf's
+``patch``; handlers return None, so nothing lands in ``status.<handler id>``.
+
+The ``dbsync.io/run-at`` annotation is not watched by a change handler: kopf removes every
+annotation under its storage prefix (``dbsync.io``) from the state it compares, so no
+change handler would ever see it change.  The event handler feeds it to the scheduler
+(:mod:`dbsync.k8s.scheduler`), which starts the run.
 
 Each change handler works in two kopf sub-handlers: ``begin`` marks the resource
 Reconciling (kopf applies that patch at once), then ``run`` starts the child process.  So
@@ -18,7 +22,7 @@ import functools
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
@@ -28,16 +32,15 @@ from dbsync.k8s.conditions import Reason, now_utc
 from dbsync.k8s.credentials import CONFIG_MAP, SECRET
 from dbsync.k8s.executor import SyncExecutor
 from dbsync.k8s.kubeclient import KubeClient
-from dbsync.k8s.models import GROUP, PLURAL, RUN_AT_ANNOTATION, VERSION, DatabaseSyncSpec
-from dbsync.k8s.reconcile import Reconciler, run_at_of, spec_or_verdict
+from dbsync.k8s.models import GROUP, PLURAL, VERSION, DatabaseSyncSpec
+from dbsync.k8s.reconcile import Reconciler, spec_or_verdict
 from dbsync.k8s.scheduler import Scheduler, retry_delay_seconds
 from dbsync.k8s.status import Trigger, VerdictKind, starting_status, suspended_status
 
 logger = logging.getLogger("dbsync.k8s.handlers")
 
 # kopf's bookkeeping (handler progress, last-handled spec) lives in annotations under this
-# prefix.  kopf hides annotations under its own prefix from change detection, so the
-# run-at annotation is watched through a handler with that field, which kopf restores.
+# prefix, so dbsync's annotations and kopf's share one domain.
 STORAGE_PREFIX = "dbsync.io"
 FINALIZER = "dbsync.io/finalizer"
 
@@ -63,7 +66,6 @@ class Runtime:
     reconciler: Reconciler
     scheduler: Scheduler
     scheduler_task: asyncio.Task[None] | None = None
-    handled_run_at: dict[str, str] = field(default_factory=dict)
 
 
 _OPTIONS = OperatorOptions()
@@ -183,10 +185,6 @@ async def _run(body: kopf.Body, patch: kopf.Patch, retry: int, *, trigger: Trigg
 
     outcome = await current.reconciler.sync(body, trigger=Trigger.RETRY if retry else trigger)
     patch.setdefault("status", {}).update(outcome.status)
-    run_at = run_at_of(body)
-    uid = str(body.get("metadata", {}).get("uid"))
-    if run_at is not None:
-        current.handled_run_at[uid] = run_at
 
     if outcome.verdict.kind is VerdictKind.TRANSIENT:
         delay = retry_delay_seconds(outcome.failures,
@@ -222,21 +220,6 @@ async def sync_on_update(**_: Any) -> None:
     _register_steps(Trigger.UPDATE)
 
 
-@kopf.on.update(GROUP, VERSION, PLURAL, id="sync-run-at",
-                field=("metadata", "annotations", RUN_AT_ANNOTATION))
-async def sync_on_run_at(body: kopf.Body, new: Any, **_: Any) -> None:
-    """Run a full sync when the dbsync.io/run-at annotation gets a new value."""
-    if not new:
-        return
-    status = body.get("status") or {}
-    uid = str(body.get("metadata", {}).get("uid"))
-
-    # A spec change in the same update already ran a sync and echoed this value.
-    if status.get("lastHandledRunAt") == new or runtime().handled_run_at.get(uid) == new:
-        return
-    _register_steps(Trigger.RUN_AT)
-
-
 # Watch events: no finalizer, no state; they feed the scheduler.
 
 
@@ -246,7 +229,6 @@ async def track_database_sync(body: kopf.Body, type: str | None, **_: Any) -> No
     current = runtime()
     current.scheduler.observe(body, event_type=type)
     if type == "DELETED":
-        current.handled_run_at.pop(str(body.get("metadata", {}).get("uid")), None)
         _forget_metrics(body)
 
 

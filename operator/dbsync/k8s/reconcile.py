@@ -200,7 +200,7 @@ class Reconciler:
             sync_id=sync_id, trigger=trigger, started_at=started_at, finished_at=now_utc(),
             generation=generation, dry_run=spec.dry_run.value, run_migrations=run_migrations,
             fail_on_drift=spec.diff.fail_on_drift, backoff_limit=spec.backoff_limit,
-            run_at=run_at)
+            run_at=run_at if run_migrations else None)
         status = finished_status(previous, report=outcome.report, verdict=verdict,
                                  context=context)
         self._record_metrics(namespace, str(metadata.get("name")), status, outcome.report,

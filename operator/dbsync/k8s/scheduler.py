@@ -8,7 +8,9 @@ touches either database), so this scheduler replaces them: one asyncio task, fed
 due.
 
 A resource is due for a re-check ``spec.interval`` after its last sync finished, when it is
-settled (neither Reconciling nor Stalled) for its current generation.  A change to a Secret
+settled (neither Reconciling nor Stalled) for its current generation.  A new value of the
+``dbsync.io/run-at`` annotation (one that ``status.lastHandledRunAt`` does not echo yet)
+starts a full sync at once.  A change to a Secret
 or ConfigMap it references starts a full sync, which is how a resource Stalled on a missing
 Secret recovers.  Transient failures of these runs are retried here with the same backoff
 the kopf handlers use.
@@ -33,7 +35,7 @@ from dbsync.k8s.conditions import ConditionType, Reason, find_condition, now_utc
 from dbsync.k8s.credentials import referenced_objects
 from dbsync.k8s.kubeclient import KubeApiError, KubeClient
 from dbsync.k8s.models import DatabaseSyncSpec
-from dbsync.k8s.reconcile import Reconciler, spec_or_verdict
+from dbsync.k8s.reconcile import Reconciler, run_at_of, spec_or_verdict
 from dbsync.k8s.status import Trigger, VerdictKind, starting_status
 
 logger = logging.getLogger("dbsync.k8s.scheduler")
@@ -219,20 +221,25 @@ class Scheduler:
             return None
         if tracked.handler_busy or self.reconciler.lock_for(tracked.uid).locked():
             return None
+
+        # Until the status describes the current generation, a kopf change handler owns the
+        # resource (it writes observedGeneration first), and a run here would duplicate it.
+        status = tracked.body.get("status") or {}
+        if status.get("observedGeneration") != metadata.get("generation"):
+            return None
         if tracked.reference_changed:
             return Trigger.REFERENCE, True
+        run_at = run_at_of(tracked.body)
+        if run_at is not None and run_at != status.get("lastHandledRunAt"):
+            return Trigger.RUN_AT, True
         if tracked.retry_at is not None:
             if loop_now >= tracked.retry_at:
                 return Trigger.RETRY, tracked.retry_full
             return None
         if spec.interval is None:
             return None
-
-        status = tracked.body.get("status") or {}
         if _is_true(status, ConditionType.STALLED) or _is_true(status,
                                                                 ConditionType.RECONCILING):
-            return None
-        if status.get("observedGeneration") != metadata.get("generation"):
             return None
         finished_at = _parse_time((status.get("lastSync") or {}).get("finishedAt"))
         if finished_at is None:
