@@ -1,7 +1,7 @@
 """The narrow layer between dbsync and Alembic: engines, one-revision runs and offline SQL.
 
-dbsync runs one Alembic environment per revision, each time with a destination one step
-ahead, so it can time and audit every revision on its own. Online runs share dbsync's
+A run observes each migration step as it starts, so dbsync can time and audit every
+revision on its own while Alembic runs them all in one environment. Online runs share dbsync's
 connection through ``config.attributes["connection"]``. When dbsync has already begun a
 transaction on it, Alembic's ``begin_transaction()`` joins that transaction instead of
 opening its own, which is how one transaction spans several revisions.
@@ -10,6 +10,7 @@ opening its own, which is how one transaction spans several revisions.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -96,8 +97,14 @@ class AlembicDriver:
         # Why: env.py files read sqlalchemy.url in offline mode; ConfigParser needs % doubled.
         self._offline_url = offline_url.render_as_string(hide_password=True).replace("%", "%%")
 
-    def run(self, connection: Connection, destination: str, *, downgrade: bool = False) -> None:
-        """Move the target to ``destination`` (one step) on ``connection``."""
+    def run(self, connection: Connection, destination: str, *, downgrade: bool = False,
+            on_step: Callable[[str], None] | None = None) -> None:
+        """Move the target to ``destination`` on ``connection``, in one Alembic run.
+
+        ``on_step`` is called with each revision id just before that revision's
+        ``upgrade()`` or ``downgrade()`` runs, which is where dbsync starts its audit
+        operation and timer.
+        """
         script_directory = self._scripts.script_directory
         config = self._scripts.make_config()
         config.set_main_option("sqlalchemy.url", self._offline_url)
@@ -105,8 +112,12 @@ class AlembicDriver:
 
         def steps(revision: Any, _context: MigrationContext) -> Any:
             if downgrade:
-                return script_directory._downgrade_revs(destination, revision)
-            return script_directory._upgrade_revs(destination, revision)
+                found = script_directory._downgrade_revs(destination, revision)
+            else:
+                found = script_directory._upgrade_revs(destination, revision)
+            if on_step is None:
+                return found
+            return [_ObservedStep(step, on_step) for step in found]
 
         # Why: alembic.context and alembic.op are process-global proxies.
         with ALEMBIC_PROCESS_LOCK, EnvironmentContext(
@@ -131,6 +142,35 @@ class AlembicDriver:
                 starting_rev=start, destination_rev=destination):
             script_directory.run_env()
         return _strip_transaction_lines(buffer.getvalue())
+
+
+class _ObservedStep:
+    """An Alembic migration step that reports its revision id before it runs.
+
+    MigrationContext.run_migrations() only calls ``migration_fn`` and reads attributes of
+    a step, so every other attribute is delegated to the wrapped step unchanged.
+    """
+
+    def __init__(self, step: Any, on_step: Callable[[str], None]) -> None:
+        self._step = step
+        self._on_step = on_step
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._step, name)
+
+    def __str__(self) -> str:
+        return str(self._step)
+
+    @property
+    def migration_fn(self) -> Callable[..., None]:
+        function: Callable[..., None] = self._step.migration_fn
+        revision_id = str(self._step.revision.revision)
+
+        def run(**kwargs: Any) -> None:
+            self._on_step(revision_id)
+            function(**kwargs)
+
+        return run
 
 
 def _strip_transaction_lines(sql: str) -> str:

@@ -157,6 +157,34 @@ class _Ran:
     duration_ms: int
 
 
+class _Progress:
+    """Tracks which revision of an Alembic run is executing, with its audit operation."""
+
+    def __init__(self, ctx: RunContext, attempt: int) -> None:
+        self._ctx = ctx
+        self._attempt = attempt
+        self._started = 0.0
+        self.ran: list[_Ran] = []
+        self.current: RevisionFile | None = None
+        self.operation: Operation | None = None
+
+    def begin(self, revision_id: str) -> None:
+        """Close the previous revision's timer and start the audit operation of the next."""
+        self.end()
+        revision_file = self._ctx.scripts.revisions[revision_id]
+        self.current = revision_file
+        self.operation = start_operation(self._ctx, revision_file, attempt=self._attempt)
+        self._started = time.monotonic()
+
+    def end(self) -> None:
+        # Why: a revision's time includes its alembic_version update, which Alembic runs
+        # right after upgrade() and before the next revision starts.
+        if self.current is not None and self.operation is not None:
+            duration_ms = int((time.monotonic() - self._started) * 1000)
+            self.ran.append(_Ran(self.current, self.operation, duration_ms))
+        self.current, self.operation = None, None
+
+
 class _TransactionFailed(Exception):
     """A transaction failed for good: what ran before the error, and the revision that raised."""
 
@@ -269,21 +297,21 @@ def run_in_transaction(ctx: RunContext, revisions: list[RevisionFile], *,
     """
     attempts = ctx.options.lock_retries + 1
     for attempt in range(1, attempts + 1):
-        ran: list[_Ran] = []
-        current: RevisionFile | None = None
-        current_operation: Operation | None = None
+        progress = _Progress(ctx, attempt)
         connection = ctx.connection()
         transaction = connection.begin()
         try:
-            for revision_file in revisions:
-                current = revision_file
-                current_operation = start_operation(ctx, revision_file, attempt=attempt)
-                started = time.monotonic()
-                ctx.driver.run(connection, ctx.destination(ctx.steps.index(revision_file)),
-                               downgrade=ctx.downgrade)
-                ran.append(_Ran(revision_file, current_operation,
-                                int((time.monotonic() - started) * 1000)))
-                current, current_operation = None, None
+            if revisions:
+                last = ctx.steps.index(revisions[-1])
+                ctx.driver.run(connection, ctx.destination(last), downgrade=ctx.downgrade,
+                               on_step=progress.begin)
+                progress.end()
+            ran = progress.ran
+            expected = [item.revision for item in revisions]
+            if [item.revision_file.revision for item in ran] != expected:
+                raise RuntimeError(
+                    f"Alembic ran revisions {[item.revision_file.revision for item in ran]} "
+                    f"instead of the planned {expected}")
             if commit:
                 _record_history(ctx, connection, [item.revision_file for item in ran])
                 transaction.commit()
@@ -292,6 +320,8 @@ def run_in_transaction(ctx: RunContext, revisions: list[RevisionFile], *,
             return ran
         except Exception as error:  # a revision may raise anything
             _safe_rollback(transaction, connection)
+            ran, current, current_operation = (progress.ran, progress.current,
+                                               progress.operation)
             retry = sqlstate(error) == LOCK_NOT_AVAILABLE and attempt < attempts
             _finish_failed_attempt(ctx, ran, current, current_operation, error,
                                    retrying=retry)
@@ -366,7 +396,9 @@ def run_outside_transaction(ctx: RunContext, revision_file: RevisionFile) -> _Ra
                 connection.commit()
         except Exception as error:  # a revision may raise anything
             _safe_rollback(None, connection)
-            finish_operation(ctx, operation, OperationStatus.FAILED,
+            timed_out = sqlstate(error) in (LOCK_NOT_AVAILABLE, QUERY_CANCELED)
+            finish_operation(ctx, operation,
+                             OperationStatus.TIMEOUT if timed_out else OperationStatus.FAILED,
                              error=describe_failure(revision_file, error, ctx.options) +
                              "; it ran outside a transaction, so statements that completed "
                              "before the error stay committed",
