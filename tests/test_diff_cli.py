@@ -38,7 +38,7 @@ def no_environment_dsns(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 def test_same_database_exits_zero(drifted: DatabasePair,
                                   capsys: pytest.CaptureFixture[str]) -> None:
-    """A database compared with itself exits 0 and says so."""
+    """A database compared with itself exits 0 and prints that nothing differs."""
     code = main(["diff", "--source", drifted.source, "--target", drifted.source])
 
     assert code == 0

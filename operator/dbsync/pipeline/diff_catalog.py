@@ -7,7 +7,7 @@ expression is rendered by the server itself (``pg_get_expr``, ``format_type``,
 ``pg_get_indexdef``, ``pg_get_constraintdef``, ``pg_get_viewdef``, ``pg_get_triggerdef``).
 
 The queries work on PostgreSQL 14 to 18. Columns that newer versions added are read only when
-``server_version_num`` says they exist, and are given the value older servers imply.
+``server_version_num`` shows they exist, and are given the value older servers imply.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Comparison of two catalog snapshots: matching, ignore rules, hazards and rendering.
 
 Objects are matched by identity (kind plus schema and name, or signature for functions), so a
-renamed object reads as one removed and one added. Each difference says what it would take to
+renamed object reads as one removed and one added. Each difference rates what it would take to
 bring the target to the source: ``safe``, ``warning`` (locks or rewrites a table, or may fail on
 existing data) or ``destructive`` (drops or narrows something that holds data).
 """
@@ -64,13 +64,14 @@ _GATED_PROPERTIES: Mapping[tuple[str, str], str] = MappingProxyType({
     ("column", "identity_sequence"): "identity",
 })
 
-# Properties whose differences never change behaviour.
+# Low-severity properties: comments, and column order, which matters only to SELECT * and to
+# INSERT without a column list.
 _LOW_SEVERITY_PROPERTIES = frozenset({"comment", COLUMN_ORDER})
 
 
 @dataclass(frozen=True, kw_only=True)
 class DiffOptions:
-    """What the diff leaves out, and how long it waits to connect."""
+    """Ignore rules of a diff and the connection timeout of its two sessions."""
 
     ignore_schemas: tuple[str, ...] = ()
     ignore_patterns: tuple[str, ...] = ()  # globs on the qualified name
@@ -207,7 +208,7 @@ def visible_objects(schema: Schema, options: DiffOptions
     patterns = options.ignore_patterns
 
     def is_ignored(kind: str, key: tuple[str, ...], item: CatalogObject) -> bool:
-        # Extensions are database-wide: their key holds a name, not a schema.
+        # Extensions are database-wide, so their key is a name, not a schema.
         if kind != "extension" and key[0] in ignored_schemas:
             return True
         if item.owner is None and not options.include_dbsync_objects:
@@ -332,7 +333,7 @@ def _tightening(source: PropertyValue, target: PropertyValue) -> Hazard:
 
 
 def _identity_hazard(source: PropertyValue, target: PropertyValue) -> Hazard:
-    # Switching between ALWAYS and BY DEFAULT is a catalog change; adding or removing an
+    # Switching between ALWAYS and BY DEFAULT is a catalog change. Adding or removing an
     # identity takes an ACCESS EXCLUSIVE lock and changes how inserts get values.
     return Hazard.SAFE if source is not None and target is not None else Hazard.WARNING
 
