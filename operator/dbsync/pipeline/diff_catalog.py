@@ -175,9 +175,8 @@ FROM (SELECT DISTINCT atttypid, atttypmod FROM pg_attribute WHERE attnum > 0) pa
 """
 
 _COLUMNS_SQL = f"""
-SELECT n.nspname, c.relname, a.attname,
-  quote_ident(n.nspname) || '.' || quote_ident(c.relname) || '.' || quote_ident(a.attname),
-  a.attnum, a.attrelid, quote_ident(a.attname), a.atttypid, a.atttypmod, a.attndims,
+SELECT n.nspname, c.relname, a.attname, a.attnum, a.attrelid, quote_ident(a.attname),
+  a.atttypid, a.atttypmod, a.attndims,
   CASE WHEN a.attcollation <> t.typcollation THEN a.attcollation::regcollation::text END,
   a.attnotnull,
   CASE WHEN a.attgenerated = '' THEN pg_get_expr(ad.adbin, ad.adrelid) END,
@@ -372,6 +371,7 @@ class _ReadContext:
     """Lookups filled by earlier queries and used to convert the rows of later ones."""
 
     type_names: dict[tuple[int, int], str] = field(default_factory=dict)
+    table_names: dict[tuple[str, str], str] = field(default_factory=dict)
     column_names: dict[tuple[int, int], str] = field(default_factory=dict)
     column_positions: dict[tuple[str, str], list[tuple[int, str]]] = field(default_factory=dict)
 
@@ -431,9 +431,10 @@ def _extension_object(row: Row) -> CatalogObject:
                          properties=(("version", version), ("schema", schema)))
 
 
-def _table_object(row: Row) -> CatalogObject:
+def _table_object(row: Row, context: _ReadContext) -> CatalogObject:
     (schema, name, display, relkind, persistence, rls_enabled, rls_forced, partition_key,
      partition, inherits, options, comment) = row
+    context.table_names[(schema, name)] = display
     kind = _TABLE_KINDS[relkind]
     if partition_key:
         kind = f"{kind} PARTITION BY {partition_key}"
@@ -450,9 +451,11 @@ def _table_object(row: Row) -> CatalogObject:
 
 
 def _column_object(row: Row, context: _ReadContext) -> CatalogObject:
-    (schema, table, name, display, position, relation_oid, quoted_name, type_oid, type_modifier,
+    (schema, table, name, position, relation_oid, quoted_name, type_oid, type_modifier,
      dimensions, collation, not_null, default, identity, identity_sequence, generated_kind,
      generated_expression, comment) = row
+    # The table's display name comes from the tables query, which reads the same relations.
+    display = f"{context.table_names[(schema, table)]}.{quoted_name}"
     context.column_names[(relation_oid, position)] = quoted_name
     context.column_positions.setdefault((schema, table), []).append((position, name))
     data_type = context.type_names.get((type_oid, type_modifier), f"type {type_oid}")
@@ -657,11 +660,11 @@ def _plain(convert: Callable[[Row], CatalogObject]
     return lambda row, _context: convert(row)
 
 
-# Order matters: the columns query fills the column names that the constraints query uses.
+# Order matters: each query may use names that the queries before it stored in the context.
 _QUERIES: tuple[_CatalogQuery, ...] = (
     _CatalogQuery("schemas", _fixed(_SCHEMAS_SQL), _plain(_schema_object)),
     _CatalogQuery("extensions", _fixed(_EXTENSIONS_SQL), _plain(_extension_object)),
-    _CatalogQuery("tables", _fixed(_TABLES_SQL), _plain(_table_object)),
+    _CatalogQuery("tables", _fixed(_TABLES_SQL), _table_object),
     _CatalogQuery("columns", _fixed(_COLUMNS_SQL), _column_object),
     _CatalogQuery("constraints", _constraints_sql, _constraint_object),
     _CatalogQuery("indexes", _indexes_sql, _plain(_index_object)),
