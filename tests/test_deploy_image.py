@@ -13,6 +13,7 @@ import json
 import re
 import shlex
 import subprocess
+import sys
 import tomllib
 from dataclasses import dataclass
 from importlib import metadata
@@ -71,6 +72,8 @@ def load_freeze_script() -> ModuleType:
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    # dataclasses look the module up in sys.modules while the class body runs.
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
