@@ -125,6 +125,14 @@ def test_plan_renders_sql_without_changes(target: str, tmp_path: Path) -> None:
     assert "CREATE TABLE t_1" in operations[0]["metadata"]["sql"]
 
 
+def test_plan_with_project_env(target: str, tmp_path: Path) -> None:
+    root, versions = make_project_dir(tmp_path / "project")
+    write_table_chain(versions, 2)
+    result, _sync_id = run_migrate(target, migrations_dir=root, dry_run="plan")
+    assert "CREATE TABLE t_1" in (result.outcomes[0].sql or "")
+    assert alembic_version(target) == []
+
+
 def test_rehearse_leaves_schema_and_version_identical(target: str, tmp_path: Path) -> None:
     write_table_chain(tmp_path, 1)
     run_migrate(target, migrations_dir=tmp_path)

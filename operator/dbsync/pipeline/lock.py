@@ -121,10 +121,10 @@ class SyncLock:
             now = time.monotonic()
             holder = self._find_holder(connection, key)
             if now >= deadline:
-                who = str(holder) if holder is not None else "a session that has since ended"
+                holder_text = str(holder) if holder is not None else "a session that has ended"
                 raise LockTimeoutError(
                     f"the sync lock on {address} was not granted within "
-                    f"{self._lock_wait_seconds:g} s: held by {who}; wait for that sync to "
+                    f"{self._lock_wait_seconds:g} s: held by {holder_text}; wait for that sync to "
                     "finish, raise the lock wait, or end that session with "
                     "pg_terminate_backend(pid) if it is stuck")
             if now - last_report >= _HOLDER_LOG_INTERVAL_SECONDS:

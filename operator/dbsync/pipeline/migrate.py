@@ -3,9 +3,9 @@
 Revisions run through Alembic's Python API on a connection dbsync opens, so dbsync owns the
 transaction: by default every pending revision shares one, and any error rolls all of them
 back. The caller holds :class:`dbsync.pipeline.lock.SyncLock` for the whole sync, and this
-module reads the target's revision only after that, so a sync that waited for the lock sees
-what the previous one committed. The audit trail gets one REVISION operation per revision
-(see :mod:`dbsync.pipeline.migrate_apply` for what each FINISH status means).
+module reads the target's revision only after that, so a sync that waited for the lock
+reads what the previous one committed. The audit trail gets one REVISION operation per
+revision (see :mod:`dbsync.pipeline.migrate_apply` for what each FINISH status means).
 """
 
 from __future__ import annotations
@@ -100,9 +100,9 @@ def read_current_revision(dsn: str, *, role: str = "target") -> str | None:
 
 def resolve_target(scripts: ScriptSet, revision: str, *, source_dsn: str | None) -> str:
     """Turn ``head``, ``source`` or a (possibly abbreviated) revision id into a revision id."""
-    wanted = revision.strip()
+    requested = revision.strip()
     directory = scripts.migrations_dir
-    if wanted == "head":
+    if requested == "head":
         heads = scripts.heads()
         if len(heads) > 1:
             raise ConfigurationError(
@@ -110,7 +110,7 @@ def resolve_target(scripts: ScriptSet, revision: str, *, source_dsn: str | None)
                 "merge them with 'alembic merge' or pass one of them as the revision")
         return heads[0]
 
-    if wanted == "source":
+    if requested == "source":
         if source_dsn is None:
             raise ConfigurationError(
                 "revision 'source' needs a source database: pass a source DSN or a revision id")
@@ -129,16 +129,16 @@ def resolve_target(scripts: ScriptSet, revision: str, *, source_dsn: str | None)
 
     known = ", ".join(sorted(scripts.revisions)[:10])
     try:
-        found = scripts.script_directory.revision_map.get_revision(wanted)
+        found = scripts.script_directory.revision_map.get_revision(requested)
     except ResolutionError:
         found = None
     except RevisionError as error:
         raise ConfigurationError(
-            f"revision {wanted!r} is invalid for {directory}: {error}; pass 'head', 'source' "
+            f"revision {requested!r} is invalid for {directory}: {error}; pass 'head', 'source' "
             "or a full revision id from the directory") from None
     if found is None:
         raise ConfigurationError(
-            f"revision {wanted!r} is not in {directory}: pass 'head', 'source' or one of "
+            f"revision {requested!r} is not in {directory}: pass 'head', 'source' or one of "
             f"{known}")
     return str(found.revision)
 
@@ -217,7 +217,7 @@ def _migrate(scripts: ScriptSet, target: str, *, target_dsn: str, options: Migra
              engine: Engine) -> MigrateResult:
     address = dsn_module.describe(target_dsn, role="target")
 
-    # Why: read under the sync lock, so a sync that waited sees the previous one's commit.
+    # Why: read under the sync lock, so a sync that waited reads the previous one's commit.
     connection = engine.connect()
     try:
         set_timeouts(connection, lock_timeout_ms=options.lock_timeout_ms,

@@ -1,7 +1,7 @@
 """Running pending revisions: planned, rehearsed, or applied in one or many transactions.
 
 Each revision is one REVISION audit operation under the MIGRATION operation. Its FINISH
-status says what finally happened to its changes:
+status records what finally happened to its changes:
 
 - SUCCESS: committed (or, in plan mode, rendered).
 - ROLLED_BACK: it ran without error, but the transaction holding it was rolled back
@@ -158,7 +158,7 @@ class _Ran:
 
 
 class _Progress:
-    """Tracks which revision of an Alembic run is executing, with its audit operation."""
+    """Progress of one Alembic run: the executing revision and its audit operation."""
 
     def __init__(self, ctx: RunContext, attempt: int) -> None:
         self._ctx = ctx

@@ -29,7 +29,7 @@ _EnumT = TypeVar("_EnumT", bound=StrEnum)
 
 
 class TransactionMode(StrEnum):
-    """How pending revisions share transactions."""
+    """Transaction layout of a run: one for all pending revisions, or one per revision."""
 
     ALL = "all"
     PER_REVISION = "per-revision"
@@ -44,7 +44,7 @@ class DryRunMode(StrEnum):
 
 
 class OutcomeStatus(StrEnum):
-    """What happened to one revision in this run."""
+    """Result status of one revision in a run."""
 
     APPLIED = "applied"
     PLANNED = "planned"
@@ -57,7 +57,7 @@ class OutcomeStatus(StrEnum):
 
 @dataclass(frozen=True, kw_only=True)
 class MigrateOptions:
-    """What to migrate to and how; strings are accepted for the enum fields."""
+    """Target revision and run settings. The enum fields also accept their string values."""
 
     migrations_dir: Path
     revision: str = "head"
@@ -199,7 +199,7 @@ class TargetAheadError(ConfigurationError):
 
 
 class RevisionFailedError(MigrationFailedError):
-    """A revision failed; ``result`` holds the outcome of every revision in the run."""
+    """A revision failed. ``result`` contains the outcome of every revision in the run."""
 
     def __init__(self, message: str, *, result: MigrateResult | None = None,
                  revision: str | None = None) -> None:

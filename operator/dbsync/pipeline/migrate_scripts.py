@@ -1,11 +1,11 @@
 """Revision directories: loading, checksums and detection of steps that cannot roll back.
 
-dbsync accepts two layouts. A project directory holds Alembic's ``env.py`` and a ``versions/``
-folder; a flat directory holds only revision files (as a Kubernetes ConfigMap mounts them),
+dbsync accepts two layouts. A project directory contains Alembic's ``env.py`` and a ``versions/``
+folder; a flat directory contains only revision files (as a Kubernetes ConfigMap mounts them),
 and dbsync then supplies the Alembic environment from :mod:`dbsync.pipeline.flat_env`.
 
 Each revision file is read once: its SHA-256 goes to the checksum table, and its syntax tree
-is searched for statements that PostgreSQL refuses inside a transaction block, so a plan can
+is searched for statements that PostgreSQL rejects inside a transaction block, so a plan can
 flag them before anything runs.
 """
 
@@ -54,7 +54,7 @@ _ADD_VALUE = re.compile(
 
 
 class HazardKind(StrEnum):
-    """Why a revision cannot run atomically with the others."""
+    """Reason a revision cannot run atomically with the others."""
 
     AUTOCOMMIT_BLOCK = "autocommit_block"
     NON_TRANSACTIONAL_STATEMENT = "non_transactional_statement"
@@ -82,7 +82,7 @@ class EnumAddition:
 
 @dataclass(frozen=True)
 class CodeAnalysis:
-    """What the static scan found in one direction (upgrade or downgrade) of a revision."""
+    """Static scan result for one direction (upgrade or downgrade) of a revision."""
 
     hazards: tuple[Hazard, ...] = ()
     enum_additions: tuple[EnumAddition, ...] = ()
@@ -94,7 +94,7 @@ class CodeAnalysis:
         return not self.hazards
 
     def uses_value(self, value: str, *, after_addition: bool) -> bool:
-        """Whether ``value`` appears as a literal (after its ADD VALUE if ``after_addition``)."""
+        """Check whether ``value`` is used as a literal, after its ADD VALUE if requested."""
         quoted = "'" + value.replace("'", "''") + "'"
         candidates = self.literals
         if after_addition:
@@ -184,7 +184,7 @@ def sha256_of(path: Path) -> str:
 
 
 def _env_shares_connection(env_path: Path) -> bool:
-    """Whether ``env.py`` reads the connection dbsync passes in ``config.attributes``."""
+    """Check whether ``env.py`` uses the connection dbsync passes in ``config.attributes``."""
     text = env_path.read_text(encoding="utf-8", errors="replace")
     return "attributes" in text and "connection" in text
 
@@ -230,9 +230,9 @@ def load_scripts(migrations_dir: Path) -> ScriptSet:
 
     version_dirs = version_locations or (directory / "versions",)
     if not any(_revision_candidates(path) for path in version_dirs):
-        shown = ", ".join(str(path) for path in version_dirs)
+        searched = ", ".join(str(path) for path in version_dirs)
         raise ConfigurationError(
-            f"the migrations directory {shown} contains no revision files (*.py): add "
+            f"the migrations directory {searched} contains no revision files (*.py): add "
             "Alembic revision files or point the migrations directory at the right path")
 
     script_directory = _open_script_directory(directory, script_location, version_locations)
@@ -409,7 +409,8 @@ def find_enum_uses(revisions: list[RevisionFile]) -> dict[str, list[str]]:
             if adding.upgrade.uses_value(addition.value, after_addition=True):
                 found.setdefault(adding.revision, []).append(
                     f"revision {adding.revision} ({adding.file_name}) adds {label} and uses it "
-                    "in the same revision")
+                    "in the same revision, so move the ADD VALUE into an earlier revision of "
+                    "its own")
             for later in revisions[index + 1:]:
                 if later.upgrade.uses_value(addition.value, after_addition=False):
                     found.setdefault(later.revision, []).append(
