@@ -1,8 +1,8 @@
 """``dbsync ledger``: run the ledger integrity checks against a target database.
 
-Exit codes: 0 when every selected check passes (or is skipped), 1 when a check fails or
-times out, 2 when the configuration, a DSN or a database is unusable, or when a check
-could not run (ERROR) and none failed.
+Exit codes: 0 when every selected check passes or is skipped, and 1 when a check fails or
+times out.  2 means the configuration, a DSN or a database is unusable, or a check could not
+run (ERROR) while none failed.
 """
 
 from __future__ import annotations

@@ -85,18 +85,18 @@ def check_transaction_balance(schema: LedgerSchema, connection: Connection, *,
     two unbalanced groups instead of a balanced pair.  A leg whose amount or side is unknown
     makes its group unprovable, so it counts as a violation rather than dropping out of SUM.
     """
-    net = schema.net_value()
     grouped = sql.SQL(
-        "SELECT {txn} AS txn, {currency} AS currency, sum({net}) AS net, count(*) AS legs, "
-        "count(*) FILTER (WHERE {net} IS NULL) AS unknown_legs "
+        "SELECT {txn} AS txn, {currency} AS currency, {net_sum} AS net, count(*) AS legs, "
+        "count(*) FILTER (WHERE {known}) AS known_legs "
         "FROM {postings} GROUP BY {txn}, {currency_group}"
-    ).format(txn=schema.transaction_ref, currency=schema.currency_ref, net=net,
+    ).format(txn=schema.transaction_ref, currency=schema.currency_ref,
+             net_sum=schema.net_sum(), known=schema.leg_is_known(),
              currency_group=schema.currency_group, postings=schema.postings_table)
-    violation = sql.SQL("(g.net <> 0 OR g.unknown_legs > 0)")
+    violation = sql.SQL("(g.net <> 0 OR g.known_legs < g.legs)")
 
     rows, violations, unknown_legs = _fetch_one(connection, sql.SQL(
         "SELECT coalesce(sum(g.legs), 0), count(*) FILTER (WHERE {violation}), "
-        "coalesce(sum(g.unknown_legs), 0) FROM ({grouped}) AS g"
+        "coalesce(sum(g.legs - g.known_legs), 0) FROM ({grouped}) AS g"
     ).format(violation=violation, grouped=grouped))
     violation_count = _as_int(violations)
 
@@ -104,7 +104,7 @@ def check_transaction_balance(schema: LedgerSchema, connection: Connection, *,
     unbalanced: list[dict[str, object]] = []
     if violation_count:
         for transaction, currency, group_net, group_unknown in connection.execute(sql.SQL(
-            "SELECT g.txn, g.currency, g.net, g.unknown_legs FROM ({grouped}) AS g "
+            "SELECT g.txn, g.currency, g.net, g.legs - g.known_legs FROM ({grouped}) AS g "
             "WHERE {violation} ORDER BY g.txn, g.currency LIMIT {limit}"
         ).format(grouped=grouped, violation=violation, limit=sql.Literal(limit))):
             keys.append(_transaction_key(schema, transaction, currency))
@@ -158,13 +158,12 @@ def check_minimum_legs(schema: LedgerSchema, connection: Connection, *,
 def check_trial_balance(schema: LedgerSchema, connection: Connection, *,
                         limit: int) -> CheckOutcome:
     """Check that total debits equal total credits in each currency."""
-    net = schema.net_value()
     rows = connection.execute(sql.SQL(
-        "SELECT {currency}, count(*), count(*) FILTER (WHERE {net} IS NULL), "
-        "sum({debit}), sum({credit}) FROM {postings} GROUP BY {currency_group} ORDER BY 1"
-    ).format(currency=schema.currency_ref, currency_group=schema.currency_group, net=net,
-             debit=schema.debit_value(), credit=schema.credit_value(),
-             postings=schema.postings_table)).fetchall()
+        "SELECT {currency}, count(*), count(*) - count(*) FILTER (WHERE {known}), "
+        "{debit_sum}, {credit_sum} FROM {postings} GROUP BY {currency_group} ORDER BY 1"
+    ).format(currency=schema.currency_ref, currency_group=schema.currency_group,
+             known=schema.leg_is_known(), debit_sum=schema.debit_sum(),
+             credit_sum=schema.credit_sum(), postings=schema.postings_table)).fetchall()
 
     examined = 0
     unknown_total = 0
@@ -200,18 +199,18 @@ def check_stored_balances(schema: LedgerSchema, connection: Connection, *,
     account's the reverse.  An account without postings must hold zero.
     """
     assert schema.accounts is not None
-    net = schema.net_value()
     joined = sql.SQL(
         "SELECT {account_id} AS account, {stored} AS stored, "
         "{sign} * coalesce(posted.net, 0) AS expected, {sign} AS sign, "
         "coalesce(posted.legs, 0) AS legs, coalesce(posted.unknown_legs, 0) AS unknown_legs "
         "FROM {accounts} AS a LEFT JOIN ("
-        "SELECT {posting_account} AS account, sum({net}) AS net, count(*) AS legs, "
-        "count(*) FILTER (WHERE {net} IS NULL) AS unknown_legs "
+        "SELECT {posting_account} AS account, {net_sum} AS net, count(*) AS legs, "
+        "count(*) - count(*) FILTER (WHERE {known}) AS unknown_legs "
         "FROM {postings} GROUP BY 1) AS posted ON posted.account = {account_id}"
     ).format(account_id=schema.account_id_ref(), stored=schema.account_balance_value(),
              sign=schema.account_sign(), accounts=schema.accounts.identifier,
-             posting_account=schema.account_ref, net=net, postings=schema.postings_table)
+             posting_account=schema.account_ref, net_sum=schema.net_sum(),
+             known=schema.leg_is_known(), postings=schema.postings_table)
     violation = sql.SQL("(j.stored IS NULL OR j.sign IS NULL OR j.unknown_legs > 0 "
                         "OR j.stored <> j.expected)")
 
