@@ -74,16 +74,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     grant = commands.add_parser(
         "grant", parents=[common], help="print the grants of an INSERT-only writer role",
         description="Print the statements that let ROLE append audit events and read them, "
-        "without UPDATE, DELETE or TRUNCATE. With --apply and --dsn, run them. The role must "
-        "exist already, and the audit tables must have been created (by the first sync or "
-        "by a role that may create them).")
+        "without UPDATE, DELETE or TRUNCATE. With --apply, connect to --dsn as the role that "
+        "should own the audit tables, create them if needed and run the statements. ROLE must "
+        "exist already.")
     grant.add_argument("role", metavar="ROLE", help="name of the existing writer role")
     grant.add_argument(
         "--schema", default=None, metavar="SCHEMA",
         help="schema holding the audit tables (default: the DSN's current schema, or public)")
     grant.add_argument(
         "--apply", action="store_true",
-        help="run the statements on --dsn instead of only printing them")
+        help="create the audit tables if needed and run the statements on --dsn")
     grant.set_defaults(handler=run_grant)
 
 
@@ -184,12 +184,20 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def run_grant(args: argparse.Namespace) -> int:
     """Print the writer role's grants, or run them with --apply."""
-    from dbsync.pipeline.audit_schema import apply_statements, grant_statements
+    from dbsync.pipeline.audit_schema import (
+        apply_statements,
+        ensure_own_schema,
+        grant_statements,
+    )
 
     if args.apply and not (args.dsn or os.environ.get(AUDIT_DSN_VARIABLE)):
         raise ConfigurationError(
             f"--apply needs a database: pass --dsn DSN or set {AUDIT_DSN_VARIABLE}")
     dsn = _dsn(args) if (args.dsn or os.environ.get(AUDIT_DSN_VARIABLE)) else None
+    if args.apply:
+        # Grants need the objects: create them first, as the role running this command.
+        assert dsn is not None
+        ensure_own_schema(dsn, connect_timeout_seconds=args.connect_timeout_seconds)
     statements = grant_statements(args.role, schema=args.schema, dsn=dsn,
                                   connect_timeout_seconds=args.connect_timeout_seconds)
     rendered = [statement.as_string() for statement in statements]
