@@ -8,6 +8,9 @@ expression is rendered by the server itself (``pg_get_expr``, ``format_type``,
 
 The queries work on PostgreSQL 14 to 18. Columns that newer versions added are read only when
 ``server_version_num`` shows they exist, and are given the value older servers imply.
+
+NOTE: composite types, range types, foreign tables, rules, privileges, extended statistics,
+publications and event triggers are not read, so differences in them go unreported.
 """
 
 from __future__ import annotations
@@ -84,7 +87,9 @@ class CatalogObject:
     kind: str
     key: tuple[str, ...]
     name: str
-    properties: tuple[tuple[str, PropertyValue], ...]
+    # Names and values are kept apart so that equal objects compare as two value tuples.
+    property_names: tuple[str, ...]
+    values: tuple[PropertyValue, ...]
     owner: tuple[str, str] | None = None
     position: int = 0
 
@@ -92,8 +97,21 @@ class CatalogObject:
     def schema(self) -> str:
         return self.key[0]
 
+    @property
+    def properties(self) -> tuple[tuple[str, PropertyValue], ...]:
+        """(name, value) pairs in the order the diff reports them."""
+        return tuple(zip(self.property_names, self.values, strict=True))
+
     def property_map(self) -> dict[str, PropertyValue]:
-        return dict(self.properties)
+        return dict(zip(self.property_names, self.values, strict=True))
+
+
+def _catalog_object(*, kind: str, key: tuple[str, ...], name: str,
+                    properties: Sequence[tuple[str, PropertyValue]],
+                    owner: tuple[str, str] | None = None) -> CatalogObject:
+    return CatalogObject(kind=kind, key=key, name=name,
+                         property_names=tuple(pair[0] for pair in properties),
+                         values=tuple(pair[1] for pair in properties), owner=owner)
 
 
 @dataclass(frozen=True)
@@ -167,20 +185,13 @@ WHERE c.relkind IN ('r', 'p') AND {_user_schema('n')}
   AND {_not_extension_member('pg_class', 'c.oid')}
 """
 
-# Type names come from _TYPES_SQL, which formats each distinct (type, modifier) pair once
-# instead of once per column.
-_TYPES_SQL = """
-SELECT pair.atttypid, pair.atttypmod, format_type(pair.atttypid, pair.atttypmod)
-FROM (SELECT DISTINCT atttypid, atttypmod FROM pg_attribute WHERE attnum > 0) pair
-"""
-
 _COLUMNS_SQL = f"""
 SELECT n.nspname, c.relname, a.attname, a.attnum, a.attrelid, quote_ident(a.attname),
-  a.atttypid, a.atttypmod, a.attndims,
+  format_type(a.atttypid, a.atttypmod) || repeat('[]', greatest(a.attndims - 1, 0)),
   CASE WHEN a.attcollation <> t.typcollation THEN a.attcollation::regcollation::text END,
-  a.attnotnull,
+  CASE WHEN a.attnotnull THEN 'yes' ELSE 'no' END,
   CASE WHEN a.attgenerated = '' THEN pg_get_expr(ad.adbin, ad.adrelid) END,
-  a.attidentity,
+  CASE a.attidentity WHEN 'a' THEN 'ALWAYS' WHEN 'd' THEN 'BY DEFAULT' END,
   CASE WHEN a.attidentity <> '' THEN
     (SELECT format('AS %s START WITH %s INCREMENT BY %s MINVALUE %s MAXVALUE %s CACHE %s%s',
                    format_type(s.seqtypid, NULL), s.seqstart, s.seqincrement, s.seqmin,
@@ -188,8 +199,9 @@ SELECT n.nspname, c.relname, a.attname, a.attnum, a.attrelid, quote_ident(a.attn
      FROM pg_depend dep JOIN pg_sequence s ON s.seqrelid = dep.objid
      WHERE dep.classid = 'pg_class'::regclass AND dep.refclassid = 'pg_class'::regclass
        AND dep.refobjid = a.attrelid AND dep.refobjsubid = a.attnum AND dep.deptype = 'i') END,
-  a.attgenerated,
-  CASE WHEN a.attgenerated <> '' THEN pg_get_expr(ad.adbin, ad.adrelid) END,
+  CASE WHEN a.attgenerated <> '' THEN
+    CASE a.attgenerated WHEN 's' THEN 'STORED ' ELSE 'VIRTUAL ' END
+    || pg_get_expr(ad.adbin, ad.adrelid) END,
   d.description
 FROM pg_attribute a
 JOIN pg_class c ON c.oid = a.attrelid
@@ -202,6 +214,10 @@ WHERE c.relkind IN ('r', 'p') AND a.attnum > 0
   AND NOT a.attisdropped AND {_user_schema('n')}
   AND {_not_extension_member('pg_class', 'c.oid')}
 """
+
+# The order of _column_object's values, which the columns query returns from its 7th column.
+_COLUMN_PROPERTIES = ("type", "collation", "not_null", "default", "identity",
+                      "identity_sequence", "generated", "comment")
 
 
 def _constraints_sql(version: int) -> str:
@@ -370,7 +386,6 @@ Row = Sequence[Any]
 class _ReadContext:
     """Lookups filled by earlier queries and used to convert the rows of later ones."""
 
-    type_names: dict[tuple[int, int], str] = field(default_factory=dict)
     table_names: dict[tuple[str, str], str] = field(default_factory=dict)
     column_names: dict[tuple[int, int], str] = field(default_factory=dict)
     column_positions: dict[tuple[str, str], list[tuple[int, str]]] = field(default_factory=dict)
@@ -390,8 +405,6 @@ _CONSTRAINT_TYPES = {
 _FOREIGN_KEY_ACTIONS = {
     "a": "NO ACTION", "r": "RESTRICT", "c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}
 _FOREIGN_KEY_MATCH = {"f": "FULL", "p": "PARTIAL", "s": "SIMPLE"}
-_IDENTITY = {"a": "ALWAYS", "d": "BY DEFAULT"}
-_GENERATED = {"s": "STORED", "v": "VIRTUAL"}
 _VOLATILITY = {"i": "IMMUTABLE", "s": "STABLE", "v": "VOLATILE"}
 _PARALLEL = {"s": "SAFE", "r": "RESTRICTED", "u": "UNSAFE"}
 _PROCEDURE_KINDS = {"f": "function", "p": "procedure", "a": "aggregate", "w": "window"}
@@ -420,14 +433,14 @@ def _strip_constraint_suffixes(definition: str) -> str:
 
 def _schema_object(row: Row) -> CatalogObject:
     schema, display, comment = row
-    return CatalogObject(kind="schema", key=(schema,), name=display,
+    return _catalog_object(kind="schema", key=(schema,), name=display,
                          properties=(("comment", comment),))
 
 
 def _extension_object(row: Row) -> CatalogObject:
     name, display, version, schema = row
     # Extensions are database-wide, so their key is the name alone (not a schema).
-    return CatalogObject(kind="extension", key=(name,), name=display,
+    return _catalog_object(kind="extension", key=(name,), name=display,
                          properties=(("version", version), ("schema", schema)))
 
 
@@ -438,7 +451,7 @@ def _table_object(row: Row, context: _ReadContext) -> CatalogObject:
     kind = _TABLE_KINDS[relkind]
     if partition_key:
         kind = f"{kind} PARTITION BY {partition_key}"
-    return CatalogObject(kind="table", key=(schema, name), name=display, properties=(
+    return _catalog_object(kind="table", key=(schema, name), name=display, properties=(
         ("kind", kind),
         ("partition", f"PARTITION OF {partition}" if partition else None),
         ("inherits", inherits),
@@ -451,31 +464,16 @@ def _table_object(row: Row, context: _ReadContext) -> CatalogObject:
 
 
 def _column_object(row: Row, context: _ReadContext) -> CatalogObject:
-    (schema, table, name, position, relation_oid, quoted_name, type_oid, type_modifier,
-     dimensions, collation, not_null, default, identity, identity_sequence, generated_kind,
-     generated_expression, comment) = row
-    # The table's display name comes from the tables query, which reads the same relations.
-    display = f"{context.table_names[(schema, table)]}.{quoted_name}"
+    # The query renders every property, because this runs once per column of the database.
+    schema, table, name, position, relation_oid, quoted_name = row[:6]
     context.column_names[(relation_oid, position)] = quoted_name
     context.column_positions.setdefault((schema, table), []).append((position, name))
-    data_type = context.type_names.get((type_oid, type_modifier), f"type {type_oid}")
-    if dimensions > 1:
-        # format_type prints one [] whatever the declared dimensions.
-        data_type += "[]" * (dimensions - 1)
-    generated = (f"{_GENERATED.get(generated_kind, generated_kind)} {generated_expression}"
-                 if generated_kind else None)
+    # The table's display name comes from the tables query, which reads the same relations.
     return CatalogObject(
-        kind="column", key=(schema, table, name), name=display, owner=(schema, table),
-        position=position, properties=(
-            ("type", data_type),
-            ("collation", collation),
-            ("not_null", "yes" if not_null else "no"),
-            ("default", default),
-            ("identity", _IDENTITY.get(identity) if identity else None),
-            ("identity_sequence", identity_sequence),
-            ("generated", generated),
-            ("comment", comment),
-        ))
+        kind="column", key=(schema, table, name),
+        name=f"{context.table_names[(schema, table)]}.{quoted_name}",
+        property_names=_COLUMN_PROPERTIES, values=tuple(row[6:]), owner=(schema, table),
+        position=position)
 
 
 def _constraint_object(row: Row, context: _ReadContext) -> CatalogObject:
@@ -499,6 +497,7 @@ def _constraint_object(row: Row, context: _ReadContext) -> CatalogObject:
         delete_set_columns = context.column_list(relation_oid, delete_set_attnums)
         if delete_set_columns:
             on_delete = f"{on_delete} ({delete_set_columns})"
+        # NOTE: the PERIOD marker of a PostgreSQL 18 temporal foreign key is not compared.
         referenced_columns = context.column_list(referenced_oid, referenced_attnums)
         properties.extend([
             ("columns", context.column_list(relation_oid, key_attnums)),
@@ -516,7 +515,7 @@ def _constraint_object(row: Row, context: _ReadContext) -> CatalogObject:
         ("validated", _yes_no(validated)),
         ("enforced", _yes_no(enforced)),
     ])
-    return CatalogObject(kind="constraint", key=(schema, table, name), name=display,
+    return _catalog_object(kind="constraint", key=(schema, table, name), name=display,
                          owner=(schema, table), properties=tuple(properties))
 
 
@@ -544,7 +543,7 @@ def _index_object(row: Row) -> CatalogObject:
     body = _index_body(definition, unique=unique, quoted_name=quoted_name, table=table,
                        relkind=relkind, predicate=predicate,
                        nulls_not_distinct=nulls_not_distinct)
-    return CatalogObject(kind="index", key=(schema, name), name=display,
+    return _catalog_object(kind="index", key=(schema, name), name=display,
                          owner=(table_schema, table_name), properties=(
         ("table", table),
         ("definition", body),
@@ -560,7 +559,7 @@ def _sequence_object(row: Row) -> CatalogObject:
     (schema, name, display, data_type, start, increment, minimum, maximum, cache, cycle,
      owner_schema, owner_table, owned_by) = row
     owner = (owner_schema, owner_table) if owner_table is not None else None
-    return CatalogObject(kind="sequence", key=(schema, name), name=display, owner=owner,
+    return _catalog_object(kind="sequence", key=(schema, name), name=display, owner=owner,
                          properties=(
         ("type", data_type),
         ("start", start),
@@ -576,7 +575,7 @@ def _sequence_object(row: Row) -> CatalogObject:
 def _view_object(row: Row) -> CatalogObject:
     schema, name, display, relkind, definition, options, comment = row
     kind = "materialized_view" if relkind == "m" else "view"
-    return CatalogObject(kind=kind, key=(schema, name), name=display, properties=(
+    return _catalog_object(kind=kind, key=(schema, name), name=display, properties=(
         ("definition", definition),
         ("options", options or None),
         ("comment", comment),
@@ -602,13 +601,13 @@ def _function_object(row: Row) -> CatalogObject:
         ("parallel", _PARALLEL.get(parallel, parallel)),
         ("configuration", config or None),
     ])
-    return CatalogObject(kind=kind, key=(schema, name, identity_arguments), name=display,
+    return _catalog_object(kind=kind, key=(schema, name, identity_arguments), name=display,
                          properties=tuple(properties))
 
 
 def _trigger_object(row: Row) -> CatalogObject:
     schema, table, name, display, definition, enabled = row
-    return CatalogObject(kind="trigger", key=(schema, table, name), name=display,
+    return _catalog_object(kind="trigger", key=(schema, table, name), name=display,
                          owner=(schema, table), properties=(
         ("definition", definition),
         ("enabled", _TRIGGER_STATES.get(enabled, enabled)),
@@ -617,13 +616,13 @@ def _trigger_object(row: Row) -> CatalogObject:
 
 def _enum_object(row: Row) -> CatalogObject:
     schema, name, display, labels = row
-    return CatalogObject(kind="enum", key=(schema, name), name=display,
+    return _catalog_object(kind="enum", key=(schema, name), name=display,
                          properties=(("labels", labels),))
 
 
 def _domain_object(row: Row) -> CatalogObject:
     schema, name, display, base_type, default, not_null, collation, constraints = row
-    return CatalogObject(kind="domain", key=(schema, name), name=display, properties=(
+    return _catalog_object(kind="domain", key=(schema, name), name=display, properties=(
         ("base_type", base_type),
         ("default", default),
         ("not_null", _yes_no(not_null)),
@@ -634,7 +633,7 @@ def _domain_object(row: Row) -> CatalogObject:
 
 def _policy_object(row: Row) -> CatalogObject:
     schema, table, name, display, command, permissive, roles, using, with_check = row
-    return CatalogObject(kind="policy", key=(schema, table, name), name=display,
+    return _catalog_object(kind="policy", key=(schema, table, name), name=display,
                          owner=(schema, table), properties=(
         ("command", _POLICY_COMMANDS.get(command, command)),
         ("permissive", "PERMISSIVE" if permissive else "RESTRICTIVE"),
@@ -702,9 +701,6 @@ def _read_catalog(connection: psycopg.Connection[Any]) -> Schema:
             f"server_version_num {version}: upgrade the server or compare with pg_dump")
 
     context = _ReadContext()
-    cursor.execute(_TYPES_SQL)
-    for type_oid, type_modifier, type_name in cursor.fetchall():
-        context.type_names[(type_oid, type_modifier)] = type_name
 
     objects: dict[str, dict[tuple[str, ...], CatalogObject]] = {kind: {} for kind in OBJECT_KINDS}
     for query in _QUERIES:

@@ -463,8 +463,8 @@ def _compare_kind(kind: str, source: ObjectsByKind, target: ObjectsByKind,
 
     # Most objects are equal, so keys are sorted only once they are known to differ.
     changed_keys = [key for key, item in source_items.items()
-                    if (other := target_items.get(key)) is None
-                    or other.properties != item.properties]
+                    if (other := target_items.get(key)) is None or other.values != item.values
+                    or other.property_names != item.property_names]
     changed_keys.extend(key for key in target_items if key not in source_items)
 
     for key in sorted(changed_keys):
