@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import json
 import threading
 import time
+import urllib.request
 from typing import Any
 
 import pytest
@@ -465,7 +467,7 @@ def test_watch_replays_events_after_version(api: ApiClient) -> None:
     create_widget(api, "w1")
     api.call("PATCH", f"{WIDGETS}/w1", {"spec": {"replicas": 2}}, content_type=MERGE)
     api.call("DELETE", f"{WIDGETS}/w1")
-    events = list(api.stream(f"{WIDGETS}?watch=true&resourceVersion={start}&timeoutSeconds=1"))
+    events = list(api.stream(f"{WIDGETS}?watch=true&resourceVersion={start}&timeoutSeconds=0"))
     assert [event["type"] for event in events] == ["ADDED", "MODIFIED", "DELETED"]
     assert events[1]["object"]["spec"]["replicas"] == 2
 
@@ -474,7 +476,7 @@ def test_watch_without_version_starts_with_current_objects(api: ApiClient) -> No
     """A watch without resourceVersion first sends ADDED for every existing object."""
     create_widget(api, "e1")
     create_widget(api, "e2")
-    events = list(api.stream(f"{WIDGETS}?watch=true&timeoutSeconds=1"))
+    events = list(api.stream(f"{WIDGETS}?watch=true&timeoutSeconds=0"))
     assert [(event["type"], event["object"]["metadata"]["name"]) for event in events] == [
         ("ADDED", "e1"), ("ADDED", "e2")]
 
@@ -508,7 +510,7 @@ def test_watch_sends_bookmarks_when_allowed(api: ApiClient) -> None:
     """allowWatchBookmarks brings BOOKMARK events with the current resourceVersion."""
     version = api.call("GET", WIDGETS).body["metadata"]["resourceVersion"]
     events = list(api.stream(f"{WIDGETS}?watch=true&resourceVersion={version}"
-                             "&allowWatchBookmarks=true&timeoutSeconds=2"))
+                             "&allowWatchBookmarks=true&timeoutSeconds=1"))
     assert events
     assert {event["type"] for event in events} == {"BOOKMARK"}
     assert events[-1]["object"]["metadata"]["resourceVersion"] == version
@@ -547,7 +549,7 @@ def test_watch_selector_transition_is_seen_as_delete(api: ApiClient) -> None:
     api.call("PATCH", f"{WIDGETS}/sel", {"metadata": {"labels": {"tier": "db"}}},
              content_type=MERGE)
     events = list(api.stream(f"{WIDGETS}?watch=true&resourceVersion={version}"
-                             "&labelSelector=tier%3Dweb&timeoutSeconds=1"))
+                             "&labelSelector=tier%3Dweb&timeoutSeconds=0"))
     assert [event["type"] for event in events] == ["DELETED"]
 
 
@@ -559,9 +561,43 @@ def test_cluster_wide_watch_sees_all_namespaces(api: ApiClient) -> None:
     api.call("POST", f"/apis/{GROUP}/{VERSION}/namespaces/other/{PLURAL}",
              {**widget("there"), "metadata": {"name": "there"}})
     events = list(api.stream(f"/apis/{GROUP}/{VERSION}/{PLURAL}?watch=true"
-                             f"&resourceVersion={version}&timeoutSeconds=1"))
+                             f"&resourceVersion={version}&timeoutSeconds=0"))
     assert [event["object"]["metadata"]["namespace"] for event in events] == [
         "default", "other"]
+
+
+def test_watch_initial_events_end_with_bookmark(api: ApiClient) -> None:
+    """sendInitialEvents=true sends current objects, then the initial-events-end bookmark."""
+    create_widget(api, "init")
+    events = list(api.stream(f"{WIDGETS}?watch=true&sendInitialEvents=true"
+                             "&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true"
+                             "&timeoutSeconds=0"))
+    assert [event["type"] for event in events][:2] == ["ADDED", "BOOKMARK"]
+    annotations = events[1]["object"]["metadata"]["annotations"]
+    assert annotations == {"k8s.io/initial-events-end": "true"}
+
+
+def test_table_watch_sends_table_rows(api: ApiClient) -> None:
+    """A watch asking for tables gets one-row Table objects, as kubectl get -w expects."""
+    create_widget(api, "tw", replicas=2)
+    request = urllib.request.Request(f"{api.base_url}{WIDGETS}?watch=true&timeoutSeconds=0",
+                                     headers={"Accept": TABLE})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        event = json.loads(response.readline())
+    assert event["object"]["kind"] == "Table"
+    assert event["object"]["rows"][0]["cells"][:4] == ["tw", None, None, 2]
+
+
+def test_delete_collection_honours_selector(api: ApiClient) -> None:
+    """DELETE on a collection removes the objects its selector matches."""
+    for name, tier in (("d1", "web"), ("d2", "db")):
+        body = widget(name)
+        body["metadata"]["labels"] = {"tier": tier}
+        api.call("POST", WIDGETS, body)
+    reply = api.call("DELETE", f"{WIDGETS}?labelSelector=tier%3Dweb")
+    remaining = [item["metadata"]["name"] for item in api.call("GET", WIDGETS).body["items"]]
+    assert [item["metadata"]["name"] for item in reply.body["items"]] == ["d1"]
+    assert remaining == ["d2"]
 
 
 # --- request log and write listeners -----------------------------------------------------
@@ -615,3 +651,43 @@ def test_get_object_reads_store(kubeapi: KubeApiServer, api: ApiClient) -> None:
     assert found is not None
     assert found["spec"]["mode"] == "fast"
     assert kubeapi.get_object(GROUP, VERSION, PLURAL, "default", "absent") is None
+
+
+# --- other clients and entry points ------------------------------------------------------
+
+
+def test_kubernetes_client_reads_kubeconfig(kubeapi: KubeApiServer,  # noqa: F811
+                                            api: ApiClient) -> None:
+    """The official kubernetes client works from the written kubeconfig."""
+    from kubernetes import client, config
+
+    api_client = config.new_client_from_config(config_file=str(kubeapi.kubeconfig_path))
+    with api_client:
+        custom = client.CustomObjectsApi(api_client)
+        custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL,
+                                               widget("kc", replicas=2))
+        listed = custom.list_namespaced_custom_object(GROUP, VERSION, "default", PLURAL)
+        namespaces = client.CoreV1Api(api_client).list_namespace()
+    assert [item["spec"]["replicas"] for item in listed["items"]] == [2]
+    assert "default" in [item.metadata.name for item in namespaces.items]
+
+
+def test_async_start_and_stop() -> None:
+    """The server starts and stops inside a caller's event loop."""
+    import asyncio
+
+    import aiohttp
+
+    async def scenario() -> tuple[int, dict[str, Any]]:
+        server = KubeApiServer()
+        await server.start()
+        try:
+            async with aiohttp.ClientSession() as session, session.get(
+                    f"{server.url}/api/v1/namespaces/default") as response:
+                return response.status, await response.json()
+        finally:
+            await server.stop()
+
+    status, body = asyncio.run(scenario())
+    assert status == 200
+    assert body["status"] == {"phase": "Active"}

@@ -72,7 +72,7 @@ def kubectl(server: KubeApiServer, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def test_apply_creates_then_reports_unchanged(kubectl: Kubectl) -> None:
-    """kubectl apply creates an object, then sees nothing to change."""
+    """kubectl apply creates an object, then reports the same manifest unchanged."""
     first = kubectl.apply(widget("apply", replicas=2, owner="ann"))
     second = kubectl.apply(widget("apply", replicas=2, owner="ann"))
     assert first.stdout.strip() == "widget.example.dbsync.io/apply created"
@@ -278,3 +278,17 @@ def test_apply_deployment_and_rbac(kubectl: Kubectl) -> None:
     assert created.stdout.count("created") == 4
     assert "deployment.apps/op configured" in updated.stdout
     assert image == "op:2"
+
+
+DEPLOY_BASE = Path(__file__).resolve().parent.parent / "deploy" / "base"
+
+
+@pytest.mark.skipif(not DEPLOY_BASE.is_dir(), reason="deploy/base is not in this checkout")
+def test_apply_kustomize_deploy_base(kubectl: Kubectl) -> None:
+    """kubectl apply -k deploy/base creates the operator's manifests, then finds them unchanged."""
+    created = kubectl.run("apply", "-k", str(DEPLOY_BASE))
+    again = kubectl.run("apply", "-k", str(DEPLOY_BASE))
+    assert "deployment.apps/dbsync-operator created" in created.stdout
+    assert "customresourcedefinition.apiextensions.k8s.io/databasesyncs.dbsync.io created" in (
+        created.stdout)
+    assert "configured" not in again.stdout

@@ -50,7 +50,7 @@ def json_type_name(value: Any) -> str:
 
 
 def matches_type(value: Any, expected: str) -> bool:
-    """Whether ``value`` has OpenAPI type ``expected`` (an integral float counts as integer)."""
+    """Return whether ``value`` has OpenAPI type ``expected``, counting integral floats."""
     actual = json_type_name(value)
     if expected == "number":
         return actual in ("integer", "number")

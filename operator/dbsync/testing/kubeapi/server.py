@@ -35,7 +35,7 @@ logger = logging.getLogger("dbsync.testing.kubeapi")
 
 JSON = "application/json"
 # Why one second: the real server sends a bookmark about once a minute, which is too slow
-# for tests; clients only rely on bookmarks arriving now and then.
+# for tests. Clients only rely on bookmarks arriving now and then.
 DEFAULT_BOOKMARK_INTERVAL_SECONDS = 1.0
 DEFAULT_WATCH_TIMEOUT_SECONDS = 1800
 TOKEN = "dbsync-emulator-token"  # noqa: S105  (any token is accepted; this one is not secret)
@@ -49,7 +49,7 @@ PATCH_TYPES = {
 
 @dataclass(frozen=True)
 class RequestRecord:
-    """One request as RBAC sees it: verb, resource, subresource, namespace, client."""
+    """One request in RBAC terms: verb, resource, subresource, namespace, and the client."""
 
     verb: str
     api_group: str
@@ -157,6 +157,7 @@ class KubeApiServer:
 
     async def start(self) -> None:
         """Start listening; the port is chosen by the OS when ``port`` is 0."""
+        self.loop = asyncio.get_running_loop()
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self.dispatch)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False,
@@ -260,7 +261,6 @@ class KubeApiServer:
     # --- dispatch ------------------------------------------------------------------------
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
-        self.loop = asyncio.get_running_loop()
         parts = [part for part in request.path.split("/") if part]
         resource_request = parse_resource_path(parts)
         watch = is_true(request.query.get("watch"))
@@ -650,7 +650,6 @@ def running_apiserver(
             failure.append(error)
             started.set()
             return
-        server.loop = loop
         started.set()
         loop.run_forever()
 

@@ -90,9 +90,9 @@ class Watcher:
     queue: asyncio.Queue[WatchEvent | None] = field(default_factory=asyncio.Queue)
 
     def translate(self, event: WatchEvent) -> WatchEvent | None:
-        """Return the event as this watcher sees it, or None when it does not concern it.
+        """Return the event as delivered to this watcher, or None when it does not match.
 
-        An object leaving the selector is seen as DELETED, one entering it as ADDED.
+        An object leaving the selector is delivered as DELETED, one entering it as ADDED.
         """
         if event.storage_key != self.storage_key:
             return None
