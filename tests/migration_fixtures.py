@@ -7,11 +7,12 @@ import textwrap
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from dbsync.pipeline.audit import (
     AuditContext,
@@ -22,9 +23,11 @@ from dbsync.pipeline.audit import (
     Requester,
     fetch_sync_operations,
 )
+from dbsync.pipeline.audit_schema import ensure_own_schema
 from dbsync.pipeline.dsn import describe
 from dbsync.pipeline.lock import SyncLock
 from dbsync.pipeline.migrate import MigrateOptions, MigrateResult, migrate
+from dbsync.testing.servers import TestServer
 
 # The cookbook env.py ("Sharing a Connection"): it runs on dbsync's connection when given.
 PROJECT_ENV_PY = '''
@@ -227,7 +230,34 @@ def revision_operations(dsn: str, sync_id: uuid.UUID) -> list[dict[str, Any]]:
             if row["operation_type"] == OperationType.REVISION]
 
 
-def migrate_in_subprocess(dsn: str, migrations_dir: str, results: Any) -> None:
-    """Entry point for a spawned process: one whole locked, audited migrate run."""
-    result, _sync_id = run_migrate(dsn, migrations_dir=Path(migrations_dir))
-    results.put(list(result.applied))
+def create_template(server: TestServer) -> str:
+    """Create a database with dbsync's own tables at head, for :class:`TargetFactory`."""
+    name = server.create_database("migtpl")
+    ensure_own_schema(server.dsn(name))
+    return name
+
+
+@dataclass
+class TargetFactory:
+    """Creates target databases as copies of a template that has dbsync's own tables.
+
+    Copying skips creating the audit schema in every test, which is most of a short
+    test's run time.
+    """
+
+    server: TestServer
+    template: str
+    created: list[str] = field(default_factory=list)
+
+    def create(self, prefix: str = "mig") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.server.admin_dsn, autocommit=True) as connection:
+            connection.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(self.template)))
+        self.created.append(name)
+        return self.server.dsn(name)
+
+    def drop_all(self) -> None:
+        for name in self.created:
+            self.server.drop_database(name)
+        self.created.clear()

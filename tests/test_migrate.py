@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -18,9 +18,12 @@ from dbsync.pipeline.migrate import (
     TargetAheadError,
     read_current_revision,
 )
+from dbsync.testing.servers import TestServer
 from tests.migration_fixtures import (
     SELF_CONNECTING_ENV_PY,
+    TargetFactory,
     alembic_version,
+    create_template,
     make_project_dir,
     revision_operations,
     row_count,
@@ -31,9 +34,19 @@ from tests.migration_fixtures import (
 )
 
 
+@pytest.fixture(scope="module")
+def targets(pg: TestServer) -> Iterator[TargetFactory]:
+    """Factory for fresh targets; the template is shared by this module's tests."""
+    factory = TargetFactory(server=pg, template=create_template(pg))
+    yield factory
+    factory.drop_all()
+    pg.drop_database(factory.template)
+
+
 @pytest.fixture
-def target(make_database: Callable[[str], str]) -> str:
-    return make_database("mig")
+def target(targets: TargetFactory) -> Iterator[str]:
+    yield targets.create("mig")
+    targets.drop_all()
 
 
 def table_exists(dsn: str, name: str) -> bool:
@@ -275,9 +288,9 @@ def test_self_connecting_env_still_in_transaction(target: str, tmp_path: Path) -
 
 
 def test_parallel_runs_in_threads_do_not_interleave(
-        make_database: Callable[[str], str], tmp_path: Path) -> None:
+        targets: TargetFactory, tmp_path: Path) -> None:
     """Two syncs in one process, on two databases, each get exactly their own revisions."""
-    first, second = make_database("par"), make_database("par")
+    first, second = targets.create("par"), targets.create("par")
     write_table_chain(tmp_path / "a", 8, prefix="a")
     write_table_chain(tmp_path / "b", 8, prefix="b")
     errors: list[BaseException] = []

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -12,17 +12,30 @@ import pytest
 
 from dbsync.pipeline.errors import LockTimeoutError
 from dbsync.pipeline.lock import SyncLock, split_key
+from dbsync.testing.servers import TestServer
 from tests.migration_fixtures import (
+    TargetFactory,
     alembic_version,
-    migrate_in_subprocess,
+    create_template,
+    run_migrate,
     write_revision,
     write_table_chain,
 )
 
 
+@pytest.fixture(scope="module")
+def targets(pg: TestServer) -> Iterator[TargetFactory]:
+    """Factory for fresh targets; the template is shared by this module's tests."""
+    factory = TargetFactory(server=pg, template=create_template(pg))
+    yield factory
+    factory.drop_all()
+    pg.drop_database(factory.template)
+
+
 @pytest.fixture
-def target(make_database: Callable[[str], str]) -> str:
-    return make_database("lock")
+def target(targets: TargetFactory) -> Iterator[str]:
+    yield targets.create("lock")
+    targets.drop_all()
 
 
 def test_second_lock_times_out_naming_holder(target: str) -> None:
@@ -75,20 +88,31 @@ def test_lock_is_per_database(make_database: Callable[[str], str]) -> None:
 
 
 def test_two_syncs_apply_revisions_once(target: str, tmp_path: Path) -> None:
-    """Two processes started together: one applies everything, the other finds nothing."""
+    """Two syncs started together: one applies everything, the other waits, finds nothing.
+
+    Threads behave like processes here: each sync has its own lock session, and a session
+    advisory lock does not care which process opened it.
+    """
     ids = write_table_chain(tmp_path, 3)
     write_revision(tmp_path, "r004", "r003", ["SELECT pg_sleep(0.5)"])
-    spawn = multiprocessing.get_context("spawn")
-    results = spawn.Queue()
-    processes = [spawn.Process(target=migrate_in_subprocess,
-                               args=(target, str(tmp_path), results)) for _ in range(2)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=120)
-    exit_codes = [process.exitcode for process in processes]
-    applied = sorted((results.get(timeout=5) for _ in processes), key=len)
+    start = threading.Barrier(2)
+    applied: list[list[str]] = []
+    errors: list[BaseException] = []
 
-    assert exit_codes == [0, 0]
-    assert applied == [[], [*ids, "r004"]]
+    def sync() -> None:
+        start.wait()
+        try:
+            result, _sync_id = run_migrate(target, migrations_dir=tmp_path)
+            applied.append(list(result.applied))
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=sync) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    assert errors == []
+    assert sorted(applied, key=len) == [[], [*ids, "r004"]]
     assert alembic_version(target) == ["r004"]

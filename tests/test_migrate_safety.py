@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -12,8 +12,11 @@ import pytest
 
 from dbsync.pipeline.errors import LockTimeoutError, MigrationFailedError
 from dbsync.pipeline.migrate import NonTransactionalRevisionError, OutcomeStatus
+from dbsync.testing.servers import TestServer
 from tests.migration_fixtures import (
+    TargetFactory,
     alembic_version,
+    create_template,
     revision_operations,
     row_count,
     run_migrate,
@@ -23,9 +26,19 @@ from tests.migration_fixtures import (
 )
 
 
+@pytest.fixture(scope="module")
+def targets(pg: TestServer) -> Iterator[TargetFactory]:
+    """Factory for fresh targets; the template is shared by this module's tests."""
+    factory = TargetFactory(server=pg, template=create_template(pg))
+    yield factory
+    factory.drop_all()
+    pg.drop_database(factory.template)
+
+
 @pytest.fixture
-def target(make_database: Callable[[str], str]) -> str:
-    return make_database("safe")
+def target(targets: TargetFactory) -> Iterator[str]:
+    yield targets.create("safe")
+    targets.drop_all()
 
 
 @pytest.fixture
