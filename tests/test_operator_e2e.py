@@ -426,9 +426,9 @@ def test_deleting_a_resource_leaves_databases_alone(cluster: Cluster) -> None:
     before = alembic_versions(target)
 
     deleted = cluster.kubectl.run("delete", "dbsync", "delete", "--timeout=20s", check=False)
-    gone = wait_for(lambda: cluster.get("delete") is None, timeout_seconds=20,
+    removed = wait_for(lambda: cluster.get("delete") is None, timeout_seconds=20,
                     description="the resource to disappear")
 
     assert deleted.returncode == 0
-    assert gone
+    assert removed
     assert alembic_versions(target) == before == [EXAMPLE_HEAD]

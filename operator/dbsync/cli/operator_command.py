@@ -28,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                         help="first retry delay after a transient failure; doubles per "
                         "failure (default 1)")
     parser.add_argument("--retry-max-seconds", type=float, default=300.0, metavar="SECONDS",
-                        help="longest retry delay (default 300)")
+                        help="maximum retry delay in seconds (default 300)")
     parser.add_argument("--no-prestart", action="store_true",
                         help="do not keep a spare sync process started ahead of time")
     parser.add_argument("--verbose", "-v", action="store_true", help="log kopf's debug output")

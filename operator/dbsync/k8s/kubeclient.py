@@ -26,7 +26,7 @@ REQUEST_TIMEOUT_SECONDS = 30.0
 
 
 class KubeApiError(Exception):
-    """The API server answered a request with an error status."""
+    """An error status returned by the API server."""
 
     def __init__(self, message: str, *, status: int) -> None:
         super().__init__(message)
@@ -93,7 +93,7 @@ class KubeClient:
             self._session = None
 
     async def get(self, path: str) -> dict[str, Any] | None:
-        """Return the object at ``path``, or None when the API server says 404."""
+        """Return the object at ``path``, or None when the API server returns 404."""
         session, server = self._ensure_session()
         async with session.get(server + path) as response:
             if response.status == 404:
@@ -128,10 +128,6 @@ class KubeClient:
         """Return the ConfigMap ``namespace/name``, or None when it does not exist."""
         return await self.get(
             f"/api/v1/namespaces/{_quote(namespace)}/configmaps/{_quote(name)}")
-
-    async def read_database_sync(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """Return the DatabaseSync ``namespace/name``, or None when it was deleted."""
-        return await self.get(_database_sync_path(namespace, name))
 
     async def patch_database_sync_status(self, namespace: str, name: str,
                                          status: dict[str, Any]) -> dict[str, Any] | None:

@@ -18,7 +18,7 @@ logger = logging.getLogger("dbsync.k8s.operator")
 
 @dataclass(frozen=True, kw_only=True)
 class OperatorSettings:
-    """What ``dbsync operator`` was asked to do."""
+    """Options of one ``dbsync operator`` process."""
 
     namespaces: tuple[str, ...] = ()
     all_namespaces: bool = False

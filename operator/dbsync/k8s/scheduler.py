@@ -151,7 +151,8 @@ class Scheduler:
         namespace = str(metadata.get("namespace"))
         name = str(metadata.get("name"))
         object_key = (kind, namespace, name)
-        if event_type == "DELETED":
+        if event_type == "DELETED" or not self.is_referenced(kind=kind, namespace=namespace,
+                                                             name=name):
             self._object_hashes.pop(object_key, None)
             return
 
@@ -174,7 +175,7 @@ class Scheduler:
         self._wake.set()
 
     def is_referenced(self, *, kind: str, namespace: str, name: str) -> bool:
-        """Whether any tracked DatabaseSync reads this Secret or ConfigMap."""
+        """Return whether any tracked DatabaseSync reads this Secret or ConfigMap."""
         return any(resource_namespace == namespace and (kind, name) in tracked.references
                    for (resource_namespace, _name), tracked in self._resources.items())
 

@@ -1,8 +1,9 @@
 """Turn a sync's outcome into a verdict and a DatabaseSync status.
 
-The verdict decides what the operator does next: nothing (Succeeded, or a finding such as
-drift that makes the resource not Ready), retry with backoff (a transient error), or stop
-until a person acts (a permanent error, or ``backoffLimit`` failures in a row).  The status
+The verdict decides what the operator does next.  After a success, or a finding such as
+drift that makes the resource not Ready, it does nothing.  After a transient error it retries
+with backoff.  After a permanent error, or ``backoffLimit`` failures in a row, it stops until
+a person acts.  The status
 carries summaries only: counts, names, revisions and ids.  Amounts, SQL and the full diff
 stay in the audit trail, found by the sync id.
 """
@@ -33,7 +34,7 @@ MAX_MESSAGE_CHARACTERS = 1000
 
 
 class VerdictKind(StrEnum):
-    """What a finished sync means for the resource."""
+    """Meaning of a finished sync for the resource."""
 
     SUCCEEDED = "Succeeded"
     NOT_READY = "NotReady"
@@ -42,7 +43,7 @@ class VerdictKind(StrEnum):
 
 
 class Trigger(StrEnum):
-    """What started a sync; shown in status.lastSync.trigger."""
+    """Cause of a sync, shown in status.lastSync.trigger."""
 
     CREATE = "Create"
     RESUME = "Resume"
