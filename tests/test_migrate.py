@@ -165,6 +165,15 @@ def test_rehearse_leaves_schema_and_version_identical(target: str, tmp_path: Pat
     assert operations[0]["metadata"]["duration_ms"] >= 50
 
 
+def test_rehearse_detects_hidden_commit(target: str, tmp_path: Path) -> None:
+    """A COMMIT built at run time escapes the static scan; the rehearsal check catches it."""
+    write_table_chain(tmp_path, 1)
+    write_revision(tmp_path, "r002", "r001",
+                   "op.execute('CREATE TABLE t_2 (id int)')\nop.execute('COM' + 'MIT')")
+    with pytest.raises(MigrationFailedError, match="committed on its own"):
+        run_migrate(target, migrations_dir=tmp_path, dry_run="rehearse")
+
+
 def test_rehearse_reports_failure(target: str, tmp_path: Path) -> None:
     write_table_chain(tmp_path, 1)
     write_revision(tmp_path, "r002", "r001", ["SELECT 1 / 0"])

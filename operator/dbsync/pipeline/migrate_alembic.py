@@ -37,6 +37,29 @@ ORDER BY 1
 """
 
 
+# Relations, columns, constraints, indexes and enum labels outside the system schemas.
+_FINGERPRINT_SQL = """
+SELECT md5(coalesce(string_agg(item, E'\\n' ORDER BY item), ''))
+FROM (
+    SELECT format('%s.%s %s %s', n.nspname, c.relname, c.relkind,
+                  coalesce(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), ''))
+    FROM pg_class AS c
+    JOIN pg_namespace AS n ON n.oid = c.relnamespace
+    LEFT JOIN pg_attribute AS a
+        ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+    WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+      AND n.nspname NOT LIKE 'pg\\_toast%%' AND n.nspname NOT LIKE 'pg\\_temp%%'
+    UNION ALL
+    SELECT format('constraint %s %s', conname, pg_get_constraintdef(oid))
+    FROM pg_constraint WHERE connamespace NOT IN (
+        SELECT oid FROM pg_namespace WHERE nspname IN ('pg_catalog', 'information_schema'))
+    UNION ALL
+    SELECT format('enum %s %s %s', enumtypid::regtype, enumsortorder, enumlabel)
+    FROM pg_enum
+) AS items(item)
+"""
+
+
 def public_url(dsn: str) -> URL:
     """Return a ``postgresql+psycopg://`` URL for ``dsn`` without its password."""
     address = dsn_module.describe(dsn, role="target")
@@ -87,6 +110,11 @@ def single_head(heads: tuple[str, ...], *, where: str) -> str | None:
 def invalid_indexes(connection: Connection) -> tuple[str, ...]:
     """Return the target's indexes that pg_index marks invalid (failed concurrent builds)."""
     return tuple(str(row) for row in connection.execute(text(_INVALID_INDEXES_SQL)).scalars())
+
+
+def schema_fingerprint(connection: Connection) -> str:
+    """Return an MD5 over the target's relations, columns, constraints and enum labels."""
+    return str(connection.exec_driver_sql(_FINGERPRINT_SQL).scalar())
 
 
 class AlembicDriver:

@@ -32,6 +32,7 @@ from dbsync.pipeline.migrate_alembic import (
     AlembicDriver,
     current_heads,
     invalid_indexes,
+    schema_fingerprint,
     set_timeouts,
     single_head,
 )
@@ -240,8 +241,9 @@ def describe_failure(revision_file: RevisionFile, error: BaseException,
                 "raise lock_timeout_ms or lock_retries")
     if state == ACTIVE_SQL_TRANSACTION:
         return (f"{name} runs a statement that cannot run inside a transaction block "
-                f"({detail}); run with transaction mode per-revision so dbsync runs it "
-                "outside a transaction")
+                f"({detail}) and that dbsync did not find in the file (SQL built at run "
+                "time); wrap it in op.get_context().autocommit_block(), which dbsync "
+                "detects, and run with transaction mode per-revision")
     if isinstance(error, DbsyncError):
         return f"{name} failed: {error}"
     return f"{name} failed: {detail}"
@@ -527,6 +529,8 @@ def rehearse(ctx: RunContext) -> MigrateResult:
         runnable.append(revision_file)
     remaining = ctx.steps[len(runnable):]
 
+    # Why: compared afterwards, so "unchanged" is checked on the catalog, not assumed.
+    fingerprint_before = _fingerprint(ctx)
     try:
         ran = run_in_transaction(ctx, runnable, commit=False)
     except _TransactionFailed as failure:
@@ -547,6 +551,12 @@ def rehearse(ctx: RunContext) -> MigrateResult:
         outcomes.extend(_skip_remaining(ctx, remaining, reason))
 
     after = read_revision(ctx)
+    fingerprint_after = _fingerprint(ctx)
+    if fingerprint_after != fingerprint_before:
+        raise RevisionFailedError(
+            "the rehearsal left the target's schema changed although its transaction was "
+            "rolled back: a revision committed on its own (for example with COMMIT in its "
+            "SQL); check the target", result=_result(ctx, outcomes, revision_after=after))
     if after != ctx.before:
         raise RevisionFailedError(
             f"the rehearsal changed the target's revision from {ctx.before} to {after}: a "
@@ -603,6 +613,14 @@ def apply_per_revision(ctx: RunContext) -> MigrateResult:
         logger.info("revision %s committed (%d ms)", revision_file.revision, item.duration_ms)
     return _result(ctx, outcomes, revision_after=read_revision(ctx),
                    invalid=_all_invalid(ctx))
+
+
+def _fingerprint(ctx: RunContext) -> str:
+    connection = ctx.connection()
+    try:
+        return schema_fingerprint(connection)
+    finally:
+        connection.rollback()
 
 
 def _all_invalid(ctx: RunContext) -> tuple[str, ...]:
