@@ -101,8 +101,9 @@ async def start_operator(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix=STORAGE_PREFIX, key="last-handled-configuration")
     settings.persistence.finalizer = FINALIZER
 
-    # Handler log lines are not Events; the operator posts its own (dbsync.k8s.events).
-    settings.posting.level = logging.WARNING
+    # Log lines are not posted as Events (kopf's default since 1.44, set here on purpose):
+    # the operator posts its own, with condition reasons and sync ids (dbsync.k8s.events).
+    settings.posting.loggers = False
 
     options = _OPTIONS
     executor = SyncExecutor(max_concurrent_syncs=options.max_concurrent_syncs,
