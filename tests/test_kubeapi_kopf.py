@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -59,12 +60,13 @@ def build_registry(server: KubeApiServer, calls: HandlerCalls) -> kopf.OperatorR
             prefix="example.dbsync.io")
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix="example.dbsync.io", key="last-handled")
-        settings.posting.enabled = False
+        settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 30
 
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry, id="widget-create")
-    def on_create(name: str, spec: Any, patch: kopf.Patch, **_: Any) -> None:
+    def on_create(name: str, spec: Any, body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         calls.add("create", name, spec.get("replicas"))
+        kopf.event(body, type="Normal", reason="Synced", message=f"widget {name} created")
         patch.status["conditions"] = [{"type": "Ready", "status": "True", "reason": "Synced"}]
 
     @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry, id="widget-update",
@@ -139,6 +141,21 @@ def test_kopf_sees_create_and_patches_status(
     obj = wait_until(lambda: (o := stored(kubeapi, "one")) and o.get("status") and o)
     assert obj["status"]["conditions"][0]["status"] == "True"
     assert FINALIZER in obj["metadata"]["finalizers"]
+
+
+def test_kopf_posts_events(kubeapi: KubeApiServer, operator: RunningOperator) -> None:  # noqa: F811
+    """An event posted from a handler is stored as a core/v1 Event about the object."""
+    client = client_for(kubeapi)
+    create(client, "evented")
+
+    def synced_events() -> list[dict[str, Any]]:
+        items = client.call("GET", "/api/v1/namespaces/default/events").body["items"]
+        return [item for item in items if item.get("reason") == "Synced"]
+
+    event = wait_until(synced_events)[0]
+    assert event["involvedObject"]["name"] == "evented"
+    assert event["involvedObject"]["kind"] == "Widget"
+    assert event["message"] == "widget evented created"
 
 
 def test_kopf_sees_spec_update(kubeapi: KubeApiServer, operator: RunningOperator) -> None:  # noqa: F811

@@ -280,6 +280,29 @@ def test_apply_deployment_and_rbac(kubectl: Kubectl) -> None:
     assert image == "op:2"
 
 
+def test_create_commands_send_protobuf(kubectl: Kubectl, server: KubeApiServer) -> None:
+    """kubectl create configmap, secret and namespace (protobuf bodies) are decoded."""
+    kubectl.run("create", "configmap", "imperative", "--from-literal=a=b")
+    kubectl.run("create", "secret", "generic", "imperative", "--from-literal=password=pw")
+    kubectl.run("create", "namespace", "imperative")
+    config_map = server.get_object("", "v1", "configmaps", "default", "imperative")
+    secret = server.get_object("", "v1", "secrets", "default", "imperative")
+    namespace = server.get_object("", "v1", "namespaces", None, "imperative")
+    assert config_map is not None
+    assert config_map["data"] == {"a": "b"}
+    assert secret is not None
+    assert secret["data"] == {"password": "cHc="}
+    assert secret["type"] == "Opaque"
+    assert namespace is not None
+
+
+def test_create_deployment_protobuf_is_rejected(kubectl: Kubectl) -> None:
+    """A protobuf body of an undecoded kind gets a clear 415, not a wrong object."""
+    result = kubectl.run("create", "deployment", "imperative", "--image=x", check=False)
+    assert result.returncode != 0
+    assert "cannot decode this protobuf body" in result.stderr
+
+
 DEPLOY_BASE = Path(__file__).resolve().parent.parent / "deploy" / "base"
 
 

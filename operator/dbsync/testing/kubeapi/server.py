@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from dbsync.testing.kubeapi import discovery, errors, patches
+from dbsync.testing.kubeapi import discovery, errors, patches, protobuf
 from dbsync.testing.kubeapi.discovery import ResourceType
 from dbsync.testing.kubeapi.errors import ApiError
 from dbsync.testing.kubeapi.selectors import Selector
@@ -393,6 +393,8 @@ class KubeApiServer:
                                         f"requested resource: {method} {request.path}")
 
     async def read_body(self, request: web.Request, *, optional: bool = False) -> dict[str, Any]:
+        if request.content_type == protobuf.PROTOBUF:
+            return protobuf.decode(await request.read())
         text = await request.text()
         if not text.strip():
             if optional:

@@ -667,4 +667,5 @@ def fold_string_data(secret: dict[str, Any]) -> None:
         data[key] = base64.b64encode(str(value).encode()).decode()
     if data:
         secret["data"] = data
-    secret.setdefault("type", "Opaque")
+    if not secret.get("type"):
+        secret["type"] = "Opaque"
