@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from dbsync.pipeline.errors import LockTimeoutError
-from dbsync.pipeline.lock import SyncLock, split_key
+from dbsync.pipeline.lock import SyncLock, SyncLockLostError, split_key
 from dbsync.testing.servers import TestServer
 from tests.migration_fixtures import (
     TargetFactory,
@@ -116,3 +116,17 @@ def test_two_syncs_apply_revisions_once(target: str, tmp_path: Path) -> None:
     assert errors == []
     assert sorted(applied, key=len) == [[], [*ids, "r004"]]
     assert alembic_version(target) == ["r004"]
+
+
+def test_ensure_held_passes_while_held(target: str) -> None:
+    with SyncLock(dsn=target) as lock:
+        lock.ensure_held()
+        assert lock.held
+
+
+def test_ensure_held_detects_killed_session(target: str) -> None:
+    with SyncLock(dsn=target) as lock:
+        with psycopg.connect(target, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (lock.backend_pid,))
+        with pytest.raises(SyncLockLostError, match=f"pid {lock.backend_pid}"):
+            lock.ensure_held()

@@ -112,6 +112,24 @@ def test_failed_concurrent_build_reports_invalid_index(migrated: tuple[str, Path
     assert index_is_valid(target, "ix_t1_name") is False
 
 
+def test_autocommit_block_runs_per_revision(migrated: tuple[str, Path]) -> None:
+    target, directory = migrated
+    write_revision(directory, "r002", "r001", """
+        op.execute("CREATE TABLE t_2 (id int, name text)")
+        with op.get_context().autocommit_block():
+            op.execute("CREATE INDEX CONCURRENTLY ix_t2_name ON t_2 (name)")
+        op.execute("ALTER TABLE t_2 ADD COLUMN note text")
+    """)
+    result, _sync_id = run_migrate(target, migrations_dir=directory,
+                                   transaction_mode="per-revision")
+    assert result.applied == ("r002",)
+    assert not result.outcomes[0].transactional
+    assert index_is_valid(target, "ix_t2_name") is True
+    assert alembic_version(target) == ["r002"]
+    assert row_count(target, "SELECT count(*) FROM information_schema.columns "
+                             "WHERE table_name = 't_2' AND column_name = 'note'") == 1
+
+
 def test_rehearse_stops_before_concurrent_index(migrated: tuple[str, Path]) -> None:
     target, directory = migrated
     add_concurrent_index(directory)

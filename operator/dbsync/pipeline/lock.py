@@ -60,6 +60,12 @@ class LockHolder:
                 f"connected since {since}, state {self.state or 'unknown'})")
 
 
+class SyncLockLostError(LockTimeoutError):
+    """The sync lock's session ended, so another sync may now run against the target."""
+
+    reason = "SyncLockLost"
+
+
 def split_key(key: int) -> tuple[int, int]:
     """Return the (classid, objid) pair under which pg_locks shows a bigint advisory key."""
     unsigned = key & 0xFFFFFFFFFFFFFFFF
@@ -143,6 +149,33 @@ class SyncLock:
                            (f"dbsync lock holder since {since}",))
         logger.info("took the sync lock on %s (key %d) after %.2f s", address, key,
                     self.waited_seconds)
+
+    def ensure_held(self) -> None:
+        """Raise SyncLockLostError unless this lock's session is alive and holds the lock.
+
+        A session killed by an administrator or a network failure drops the lock silently,
+        so call this before a step that must not overlap another sync.
+        """
+        connection = self._connection
+        if connection is None or connection.closed or self.key is None:
+            raise SyncLockLostError(
+                "the sync lock is not held: its session was closed; start the sync again")
+        classid, objid = split_key(self.key)
+        try:
+            row = connection.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND pid = pg_backend_pid() AND classid::bigint = %s AND objid::bigint = %s "
+                "AND objsubid = 1", (classid, objid)).fetchone()
+        except psycopg.Error as error:
+            lines = str(error).strip().splitlines()
+            detail = dsn_module.redact_text(lines[0] if lines else type(error).__name__)
+            raise SyncLockLostError(
+                f"the sync lock's session (pid {self.backend_pid}) ended: {detail}; "
+                "another sync may be running, so start this one again") from None
+        if row is None or not row[0]:
+            raise SyncLockLostError(
+                f"the sync lock's session (pid {self.backend_pid}) no longer holds the lock; "
+                "start the sync again")
 
     @staticmethod
     def _find_holder(connection: psycopg.Connection[tuple[object, ...]],
