@@ -151,7 +151,7 @@ def _pg_dump_path() -> Path | None:
 
 
 def schema_dump(dsn: str) -> str:
-    """Return ``pg_dump --schema-only`` of the database, without dbsync's own objects.
+    """Return ``pg_dump --schema-only`` of the database, without dbsync's own tables.
 
     The random ``\\restrict`` key lines of recent pg_dump versions are dropped, so two
     dumps of an unchanged schema compare equal.
@@ -239,7 +239,7 @@ def create_template(server: TestServer) -> str:
 
 @dataclass
 class TargetFactory:
-    """Creates target databases as copies of a template that has dbsync's own tables.
+    """Factory of target databases, each a copy of a template with dbsync's own tables.
 
     Copying skips creating the audit schema in every test, which is most of a short
     test's run time.

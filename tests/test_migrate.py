@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from dbsync.pipeline.errors import MigrationFailedError
+from dbsync.pipeline.errors import ConfigurationError, MigrationFailedError
 from dbsync.pipeline.migrate import (
     DryRunMode,
     OutcomeStatus,
@@ -224,7 +224,7 @@ def test_source_revision_missing_from_directory(db_pair: object, tmp_path: Path)
     write_table_chain(older, 2)
     source, target_dsn = db_pair.source, db_pair.target  # type: ignore[attr-defined]
     run_migrate(source, migrations_dir=newer)
-    with pytest.raises(Exception, match="r003, which is not in"):
+    with pytest.raises(ConfigurationError, match="r003, which is not in"):
         run_migrate(target_dsn, source_dsn=source, migrations_dir=older, revision="source")
 
 
@@ -296,7 +296,7 @@ def test_self_connecting_env_still_in_transaction(target: str, tmp_path: Path) -
     assert alembic_version(target) == []
 
 
-def test_parallel_runs_in_threads_do_not_interleave(
+def test_parallel_threads_do_not_interleave(
         targets: TargetFactory, tmp_path: Path) -> None:
     """Two syncs in one process, on two databases, each get exactly their own revisions."""
     first, second = targets.create("par"), targets.create("par")

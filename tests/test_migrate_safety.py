@@ -88,7 +88,7 @@ def test_concurrent_index_rejected_in_all_mode(migrated: tuple[str, Path]) -> No
     assert alembic_version(target) == ["r001"]
 
 
-def test_concurrent_index_runs_in_per_revision_mode(migrated: tuple[str, Path]) -> None:
+def test_concurrent_index_runs_per_revision(migrated: tuple[str, Path]) -> None:
     target, directory = migrated
     add_concurrent_index(directory)
     result, sync_id = run_migrate(target, migrations_dir=directory,
