@@ -167,6 +167,15 @@ def test_enum_value_use_works_per_revision(enum_target: tuple[str, Path]) -> Non
     assert result.applied == ("r002", "r003")
 
 
+def test_enum_created_in_same_transaction_applies(target: str, tmp_path: Path) -> None:
+    write_revision(tmp_path, "r001", None, ["CREATE TYPE mood AS ENUM ('sad')",
+                                            "CREATE TABLE moods (m mood)"])
+    write_revision(tmp_path, "r002", "r001", ["ALTER TYPE mood ADD VALUE 'happy'"])
+    write_revision(tmp_path, "r003", "r002", ["INSERT INTO moods VALUES ('happy')"])
+    result, _sync_id = run_migrate(target, migrations_dir=tmp_path)
+    assert result.applied == ("r001", "r002", "r003")
+
+
 def test_hidden_enum_value_use_names_revision(enum_target: tuple[str, Path]) -> None:
     """A use that the static scan cannot see fails at run time with 55P04, explained."""
     target, directory = enum_target

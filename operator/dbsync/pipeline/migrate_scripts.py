@@ -395,6 +395,22 @@ def _text_after_addition(text: str, value: str) -> str:
     return ""
 
 
+_CREATE_ENUM = re.compile(r"\bCREATE\s+TYPE\s+(?P<type>[\w.\"]+)\s+AS\s+ENUM\b", re.IGNORECASE)
+
+
+def _normalize_type_name(name: str) -> str:
+    """Return the unqualified, unquoted, case-folded type name, for comparisons."""
+    unqualified = name.rsplit(".", 1)[-1]
+    if unqualified.startswith('"') and unqualified.endswith('"'):
+        return unqualified[1:-1]
+    return unqualified.lower()
+
+
+def _created_enum_types(literals: tuple[str, ...]) -> set[str]:
+    return {_normalize_type_name(match.group("type"))
+            for text in literals for match in _CREATE_ENUM.finditer(text)}
+
+
 def find_enum_uses(revisions: list[RevisionFile]) -> dict[str, list[str]]:
     """Map each revision id to messages about enum labels it uses before they can be committed.
 
@@ -403,8 +419,14 @@ def find_enum_uses(revisions: list[RevisionFile]) -> dict[str, list[str]]:
     list that would share one transaction, oldest first.
     """
     found: dict[str, list[str]] = {}
+    created: set[str] = set()
     for index, adding in enumerate(revisions):
+        # Why: PostgreSQL allows the new label when the type itself was created in the
+        # same transaction, which is the case for every type created up to here.
+        created.update(_created_enum_types(adding.upgrade.literals))
         for addition in adding.upgrade.enum_additions:
+            if _normalize_type_name(addition.type_name) in created:
+                continue
             label = f"{addition.type_name} value '{addition.value}'"
             if adding.upgrade.uses_value(addition.value, after_addition=True):
                 found.setdefault(adding.revision, []).append(
