@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import statistics
 import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -90,6 +92,9 @@ def _event_values(number: int, kind: str, *, sequence: int, prev_hash: str,
     """Column values, in CANONICAL_COLUMN_NAMES order, of one generated event."""
     finish = kind == "FINISH"
     failed = finish and number % 20 == 7
+    status = "STARTED"
+    if finish:
+        status = "FAILED" if failed else "SUCCESS"
     sync_hex = hashlib.md5(f"sync{number // 10}".encode()).hexdigest()
     metadata = error_details = None
     if finish:
@@ -101,7 +106,7 @@ def _event_values(number: int, kind: str, *, sequence: int, prev_hash: str,
         CHAIN_FORMAT, sequence, prev_hash, recorded_at, uuid.uuid4(), kind,
         uuid.UUID(sync_hex), uuid.UUID(hashlib.md5(f"operation{number}".encode()).hexdigest()),
         "SYNC" if number % 10 == 0 else "REVISION", f"revision {number}",
-        "FAILED" if failed else ("SUCCESS" if finish else "STARTED"),
+        status,
         number % 5000 if finish else None,
         f"{number % 10:04d}_change" if number % 10 else None,
         sync_hex, hashlib.md5(f"span{number}".encode()).hexdigest()[:16],
@@ -177,16 +182,58 @@ def verify(dsn: str) -> int:
     return result.rows_checked
 
 
-def measure(name: str, action: Callable[[str], int], dsn: str, repeat: int) -> float:
-    """Run ``action`` ``repeat`` times and return the median rows per second."""
-    rates = []
+def server_cpu_seconds(server: LocalPostgres) -> float:
+    """Return the CPU time used so far by the server's postmaster and all its backends.
+
+    A backend that has exited is counted through the postmaster's cutime and cstime, which
+    include every child it has reaped.
+    """
+    assert server.base_dir is not None
+    postmaster = int((server.data_dir / "postmaster.pid").read_text().split()[0])
+    ticks = 0
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            fields = (pid_dir / "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        # Fields after the command name: state is fields[0], ppid fields[1], utime fields[11].
+        pid, parent = int(pid_dir.name), int(fields[1])
+        if pid == postmaster:
+            ticks += sum(int(value) for value in fields[11:15])
+        elif parent == postmaster:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def measure(name: str, action: Callable[[str], int], server: LocalPostgres,
+            repeat: int) -> float:
+    """Run ``action`` ``repeat`` times; print and return the median rows per second.
+
+    Also prints the CPU time per row of this process and of the server, and the rate the
+    slower side would allow if each had a core of its own: an estimate for an idle
+    machine, because both run at the same time and overlap.
+    """
+    dsn = server.dsn("postgres")
+    rates, client_us, server_us = [], [], []
     for _ in range(repeat):
+        server_before = server_cpu_seconds(server)
+        client_before = time.process_time()
         started = time.perf_counter()
         rows = action(dsn)
-        rates.append(rows / (time.perf_counter() - started))
+        elapsed = time.perf_counter() - started
+        client_us.append((time.process_time() - client_before) / rows * 1e6)
+        server_us.append((server_cpu_seconds(server) - server_before) / rows * 1e6)
+        rates.append(rows / elapsed)
     median = statistics.median(rates)
+    client = statistics.median(client_us)
+    server_cost = statistics.median(server_us)
+    idle_estimate = 1e6 / max(client, server_cost)
     print(f"{name:12s} {median:12,.0f} rows/s  (runs: "
-          f"{', '.join(f'{rate:,.0f}' for rate in rates)})")
+          f"{', '.join(f'{rate:,.0f}' for rate in rates)}); CPU per row: client "
+          f"{client:.1f} us, server {server_cost:.1f} us; idle-core estimate "
+          f"{idle_estimate:,.0f} rows/s")
     return median
 
 
@@ -221,9 +268,11 @@ def main() -> None:
                   "chaining trigger)")
         print(f"generated {total:,} chained events ({copy_seconds:.1f} s for the COPY part)")
 
-        copy_rate = measure("copy-read", copy_read, dsn, args.repeat)
-        cursor_rate = measure("cursor-read", cursor_read, dsn, args.repeat)
-        verify_rate = measure("verify", verify, dsn, args.repeat)
+        print(f"load average before measuring: {os.getloadavg()[0]:.1f} on "
+              f"{os.cpu_count()} CPUs")
+        copy_rate = measure("copy-read", copy_read, server, args.repeat)
+        cursor_rate = measure("cursor-read", cursor_read, server, args.repeat)
+        verify_rate = measure("verify", verify, server, args.repeat)
 
     print(f"verify / copy-read:   {verify_rate / copy_rate:.2f}")
     print(f"verify / cursor-read: {verify_rate / cursor_rate:.2f}")

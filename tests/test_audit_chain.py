@@ -35,7 +35,8 @@ from dbsync.pipeline.audit_chain import (
     format_timestamp,
     row_hash,
 )
-from dbsync.pipeline.audit_schema import own_migrations_config
+from dbsync.pipeline.audit_schema import own_migrations_config, upgrade_own_schema
+from dbsync.pipeline.errors import AuditUnavailableError
 from dbsync.testing.servers import TestServer
 from tests.test_audit_helpers import (
     make_context,
@@ -163,7 +164,7 @@ def test_deleted_row_is_reported_as_a_gap(audit_dsn: str) -> None:
     assert "missing" in (result.first_broken_reason or "")
 
 
-def test_verify_since_starts_at_the_first_row_in_range(audit_dsn: str) -> None:
+def test_verify_since_checks_later_rows(audit_dsn: str) -> None:
     """--since checks only later rows, linked to the stored hash of the row before."""
     write_sync(audit_dsn, operations=1)
     with psycopg.connect(audit_dsn) as connection:
@@ -181,7 +182,7 @@ def test_verify_since_starts_at_the_first_row_in_range(audit_dsn: str) -> None:
     assert future.rows_checked == 0
 
 
-def test_verify_since_detects_a_broken_link_to_earlier_rows(audit_dsn: str) -> None:
+def test_verify_since_checks_link_before(audit_dsn: str) -> None:
     """A replaced hash just before the --since range is caught at the range's first row."""
     write_sync(audit_dsn, operations=1)
     with psycopg.connect(audit_dsn) as connection:
@@ -379,3 +380,25 @@ def test_concurrent_upgrades_from_two_processes_succeed(audit_dsn: str) -> None:
             sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier("dbsync_alembic_version"))
         ).fetchone()
     assert row == (1,)
+
+
+def test_upgrade_keeps_the_callers_connection(audit_dsn: str) -> None:
+    """upgrade_own_schema leaves the connection open, idle and in its autocommit mode."""
+    with psycopg.connect(audit_dsn, autocommit=False) as connection:
+        upgrade_own_schema(connection)
+        still_open = not connection.closed
+        autocommit = connection.autocommit
+        status = connection.info.transaction_status
+        row = connection.execute("SELECT to_regclass('sync_audit_logs') IS NOT NULL").fetchone()
+    assert still_open
+    assert autocommit is False
+    assert status == psycopg.pq.TransactionStatus.IDLE
+    assert row == (True,)
+
+
+def test_upgrade_inside_a_transaction_raises(audit_dsn: str) -> None:
+    """A connection with an open transaction is rejected instead of committed behind its back."""
+    with psycopg.connect(audit_dsn) as connection:
+        connection.execute("SELECT 1")
+        with pytest.raises(AuditUnavailableError, match="inside a transaction"):
+            upgrade_own_schema(connection)

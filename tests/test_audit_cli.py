@@ -154,7 +154,7 @@ def test_verify_without_audit_table_exits_2(
 
 def test_missing_dsn_exits_2(capsys: pytest.CaptureFixture[str],
                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without --dsn or DBSYNC_AUDIT_DSN the command says what to pass."""
+    """Without --dsn or DBSYNC_AUDIT_DSN the error names the missing option."""
     monkeypatch.delenv("DBSYNC_AUDIT_DSN", raising=False)
     code = main(["audit", "tail"])
     assert code == 2

@@ -1,4 +1,4 @@
-"""Shared fixtures and helpers of the audit tests (this module holds no tests itself).
+"""Shared fixtures and helpers of the audit tests (this module contains no tests).
 
 Each test gets its own schema in one database per test module: the audit tables live in the
 first schema of the connection's search_path, so a fresh schema is as isolated as a fresh

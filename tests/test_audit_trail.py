@@ -279,7 +279,7 @@ def test_finish_of_unknown_operation_raises(audit_dsn: str) -> None:
 
 
 def test_unreachable_audit_database_raises_connection_failed(pg: TestServer) -> None:
-    """A port nobody listens on raises ConnectionFailedError before anything runs."""
+    """A closed port raises ConnectionFailedError before anything runs."""
     host, _port = pg.host_and_port
     dsn = f"postgresql://postgres:secret@{host or '127.0.0.1'}:1/postgres"
     with pytest.raises(ConnectionFailedError):
@@ -321,7 +321,7 @@ def test_audit_write_failure_raises_audit_unavailable(audit_dsn: str) -> None:
         trail.close()
 
 
-def test_canary_password_reaches_no_row_and_no_log_line(
+def test_canary_password_never_stored_or_logged(
         pg: TestServer, audit_dsn: str, json_log: io.StringIO) -> None:
     """A password in the DSN, the error text and the metadata is masked everywhere."""
     canary = f"canary-{uuid.uuid4().hex}"

@@ -1,8 +1,8 @@
 """The ``dbsync audit`` command: read, verify and lock down the audit trail.
 
-``tail`` lists the newest events, ``show`` prints one sync's operations as a tree, ``verify``
-recomputes the hash chain (exit code 1 when it is broken), and ``grant`` prints, or runs, the
-statements that give a role INSERT-only access for writing events.
+``tail`` lists the newest events and ``show`` prints one sync's operations as a tree.
+``verify`` recomputes the hash chain and exits with code 1 when it is broken. ``grant`` prints,
+or runs, the statements that give a role INSERT-only access for writing events.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     grant.add_argument("role", metavar="ROLE", help="name of the existing writer role")
     grant.add_argument(
         "--schema", default=None, metavar="SCHEMA",
-        help="schema holding the audit tables (default: the DSN's current schema, or public)")
+        help="schema of the audit tables (default: where --dsn finds them, or public without "
+        "--dsn)")
     grant.add_argument(
         "--apply", action="store_true",
         help="create the audit tables if needed and run the statements on --dsn")

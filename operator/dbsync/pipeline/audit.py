@@ -79,7 +79,7 @@ _TRACEPARENT = re.compile(
 
 
 class OperationType(StrEnum):
-    """What an audited operation is: the whole sync, one step, or one migration revision."""
+    """Kind of audited operation: the whole sync, one step, or one migration revision."""
 
     SYNC = "SYNC"
     PREFLIGHT = "PREFLIGHT"
@@ -119,7 +119,7 @@ FAILURE_STATUSES = frozenset({
 
 @dataclass(frozen=True, kw_only=True)
 class Requester:
-    """Who or what requested the sync: a CLI user on a host, or a Kubernetes resource."""
+    """Requester of a sync: a CLI user on a host, a Kubernetes resource, or a job."""
 
     kind: str
     user: str | None = None
@@ -147,7 +147,7 @@ class Requester:
 
 @dataclass(frozen=True, kw_only=True)
 class AuditContext:
-    """What every event of one sync shares: its id, requester, approver and target."""
+    """Context shared by every event of one sync: its id, requester, approver and target."""
 
     sync_id: uuid.UUID
     requester: Requester

@@ -126,16 +126,6 @@ def ensure_own_schema(dsn: str, *, connect_timeout_seconds: int = 10) -> None:
     logger.debug("dbsync's own tables in %s are at head", describe(dsn, role="audit"))
 
 
-def current_own_revision(connection: psycopg.Connection[Any]) -> str | None:
-    """Return the revision recorded in dbsync_alembic_version, or None before the first run."""
-    exists = connection.execute("SELECT to_regclass(%s) IS NOT NULL",
-                                (OWN_VERSION_TABLE,)).fetchone()
-    if not exists or not exists[0]:
-        return None
-    row = connection.execute(f"SELECT version_num FROM {OWN_VERSION_TABLE}").fetchone()
-    return str(row[0]) if row else None
-
-
 def grant_statements(role: str, *, schema: str | None = None, dsn: str | None = None,
                      connect_timeout_seconds: int = 10) -> list[sql.Composed]:
     """Return the statements that make ``role`` an INSERT-only writer of the audit trail.
