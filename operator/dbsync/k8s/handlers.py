@@ -116,6 +116,7 @@ async def start_operator(settings: kopf.OperatorSettings, **_: Any) -> None:
     _RUNTIME = Runtime(options=options, executor=executor, client=client,
                        reconciler=reconciler, scheduler=scheduler)
     _RUNTIME.scheduler_task = asyncio.create_task(scheduler.run(), name="dbsync-scheduler")
+    await executor.warm_up()
 
     if options.metrics_port is not None:
         from dbsync.k8s import metrics
