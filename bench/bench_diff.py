@@ -122,13 +122,10 @@ def count_objects(dsn: str) -> dict[str, int]:
     return dict(zip(("tables", "columns", "indexes", "foreign keys"), row, strict=True))
 
 
-def median_seconds(action: Callable[[], object], repeat: int) -> float:
-    timings: list[float] = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        action()
-        timings.append(time.perf_counter() - started)
-    return statistics.median(timings)
+def seconds(action: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
 
 
 def pg_dump_both(pg_dump: Path, dsns: tuple[str, str]) -> None:
@@ -156,7 +153,11 @@ MIGRA_SUCCESS_CODES = (0, 2, 3)
 
 
 def run_migra(dsns: tuple[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(MIGRA_VENV / "bin" / "migra"), "--unsafe", *dsns],
+    # SQLAlchemy 2.1 maps postgresql:// to psycopg 3, which the migra virtualenv lacks.
+    # migra FROM TO prints the SQL that turns FROM into TO, so the target comes first.
+    urls = [dsn.replace("postgresql://", "postgresql+psycopg2://", 1)
+            for dsn in (dsns[1], dsns[0])]
+    return subprocess.run([str(MIGRA_VENV / "bin" / "migra"), "--unsafe", *urls],
                           capture_output=True, text=True, check=False)
 
 
@@ -184,38 +185,48 @@ def main() -> None:
         for difference in result.differences:
             print(f"  {difference.render_text()}")
 
-        dbsync_seconds = median_seconds(
-            lambda: diff_databases(source_dsn=dsns[0], target_dsn=dsns[1]), args.repeat)
-        dump_seconds = median_seconds(lambda: pg_dump_both(pg_dump, dsns), args.repeat)
-
-        print()
-        print(f"median of {args.repeat} runs:")
-        print(f"  pg_dump --schema-only x2 (baseline): {dump_seconds:8.3f} s   1.00")
-        print(f"  dbsync diff:                         {dbsync_seconds:8.3f} s   "
-              f"{dbsync_seconds / dump_seconds:.2f}")
-
         reason = prepare_migra()
         if reason is None:
-            # migra goes through psycopg2 with the same password and address.
-            environment = {**os.environ,
-                           "PGPASSWORD": str(conninfo_to_dict(dsns[0]).get("password", ""))}
-            os.environ.update(environment)
+            # migra connects through psycopg2, which reads the password from PGPASSWORD.
+            os.environ["PGPASSWORD"] = str(conninfo_to_dict(dsns[0]).get("password", ""))
             first = run_migra(dsns)
             if first.returncode not in MIGRA_SUCCESS_CODES:
                 reason = f"migra exited {first.returncode}: " + (
                     first.stderr.strip().splitlines() or ["no output"])[-1]
+
+        # The tools take turns in each round, so that a change of load on a shared machine
+        # falls on all of them alike.
+        timings: dict[str, list[float]] = {"dumps": [], "dbsync": [], "migra": []}
+        for _ in range(args.repeat):
+            timings["dumps"].append(seconds(lambda: pg_dump_both(pg_dump, dsns)))
+            timings["dbsync"].append(seconds(
+                lambda: diff_databases(source_dsn=dsns[0], target_dsn=dsns[1])))
+            if reason is None:
+                timings["migra"].append(seconds(lambda: run_migra(dsns)))
+
+        dump_seconds = statistics.median(timings["dumps"])
+        dbsync_seconds = statistics.median(timings["dbsync"])
+        print()
+        print(f"median of {args.repeat} interleaved runs (ratio to the two dumps):")
+        print(f"  pg_dump --schema-only x2 (baseline): {dump_seconds:8.3f} s   1.00")
+        print(f"  dbsync diff:                         {dbsync_seconds:8.3f} s   "
+              f"{dbsync_seconds / dump_seconds:.2f}")
         if reason is None:
-            migra_seconds = median_seconds(lambda: run_migra(dsns), args.repeat)
+            migra_seconds = statistics.median(timings["migra"])
             print(f"  migra:                               {migra_seconds:8.3f} s   "
                   f"{migra_seconds / dump_seconds:.2f}")
             print(f"  dbsync / migra: {dbsync_seconds / migra_seconds:.2f}")
         else:
             print(f"  migra: skipped ({reason})")
+        for name, values in timings.items():
+            if values:
+                print(f"  {name} runs: {', '.join(f'{value:.3f}' for value in values)}")
 
         print()
         print(f"goal dbsync <= 1 s: {'met' if dbsync_seconds <= 1.0 else 'NOT met'}; "
               f"goal dbsync <= two dumps: "
               f"{'met' if dbsync_seconds <= dump_seconds else 'NOT met'}")
+        print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

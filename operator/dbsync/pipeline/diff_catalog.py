@@ -15,6 +15,7 @@ publications and event triggers are not read, so differences in them go unreport
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -689,26 +690,30 @@ def _pin_settings(cursor: psycopg.Cursor[Any]) -> None:
 
 
 def _read_catalog(connection: psycopg.Connection[Any]) -> Schema:
-    cursor = connection.cursor()
-    _pin_settings(cursor)
-
-    cursor.execute("SELECT current_setting('server_version_num')::int")
-    version_row = cursor.fetchone()
-    version = int(version_row[0]) if version_row is not None else 0
+    version = connection.info.server_version
     if version < MINIMUM_SERVER_VERSION_NUM:
         raise SchemaIntrospectionError(
             f"the schema diff needs PostgreSQL 14 or later, but the server reports "
             f"server_version_num {version}: upgrade the server or compare with pg_dump")
 
     context = _ReadContext()
-
     objects: dict[str, dict[tuple[str, ...], CatalogObject]] = {kind: {} for kind in OBJECT_KINDS}
-    for query in _QUERIES:
-        cursor.execute(query.sql(version))
-        for row in cursor.fetchall():
-            item = query.to_object(row, context)
-            objects[item.kind][item.key] = item
-        logger.debug("read %s from the catalog", query.label)
+    # In pipeline mode every query is sent at once, so the server works on the next ones while
+    # this process converts the rows of the first.
+    pipeline = (connection.pipeline() if psycopg.Pipeline.is_supported()
+                else contextlib.nullcontext())
+    with pipeline:
+        _pin_settings(connection.cursor())
+        cursors = []
+        for query in _QUERIES:
+            cursor = connection.cursor()
+            cursor.execute(query.sql(version))
+            cursors.append(cursor)
+        for query, cursor in zip(_QUERIES, cursors, strict=True):
+            for row in cursor.fetchall():
+                item = query.to_object(row, context)
+                objects[item.kind][item.key] = item
+            logger.debug("read %s from the catalog", query.label)
 
     column_orders: dict[tuple[str, ...], tuple[str, ...]] = {
         table: tuple(name for _, name in sorted(columns))
