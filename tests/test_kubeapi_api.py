@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import threading
 import time
@@ -14,7 +15,7 @@ import pytest
 from dbsync.testing.kubeapi import KubeApiServer, WriteEvent
 from tests.kubeapi_client import WIDGETS, ApiClient, client_for
 from tests.kubeapi_fixtures import kubeapi  # noqa: F401
-from tests.kubeapi_manifests import GROUP, PLURAL, VERSION, widget
+from tests.kubeapi_manifests import GROUP, PLURAL, VERSION, WIDGET_CRD, widget
 
 MERGE = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
@@ -68,6 +69,27 @@ def test_crd_deletion_stops_serving(api: ApiClient) -> None:
     assert reply.status == 200
     assert api.call("GET", f"/apis/{GROUP}/{VERSION}").status == 404
     assert api.call("GET", f"{WIDGETS}/gone").status == 404
+
+
+def test_crd_without_schema_is_rejected(api: ApiClient) -> None:
+    """A CRD version without openAPIV3Schema is invalid, as in apiextensions.k8s.io/v1."""
+    crd = copy.deepcopy(WIDGET_CRD)
+    crd["metadata"]["name"] = f"gadgets.{GROUP}"
+    crd["spec"]["names"] = {"plural": "gadgets", "kind": "Gadget"}
+    del crd["spec"]["versions"][0]["schema"]
+    reply = api.call("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
+    assert reply.status == 422
+    assert reply.body["details"]["causes"][0]["field"] == (
+        "spec.versions[0].schema.openAPIV3Schema")
+
+
+def test_crd_status_reports_established(api: ApiClient) -> None:
+    """A created CRD carries Established and NamesAccepted conditions."""
+    crd = api.call("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/"
+                   f"{PLURAL}.{GROUP}").body
+    conditions = {item["type"]: item["status"] for item in crd["status"]["conditions"]}
+    assert conditions == {"Established": "True", "NamesAccepted": "True"}
+    assert crd["spec"]["names"]["listKind"] == "WidgetList"
 
 
 # --- metadata, resourceVersion and generation --------------------------------------------

@@ -92,8 +92,14 @@ class RunningOperator:
 
 
 @pytest.fixture
-def operator(kubeapi: KubeApiServer) -> Iterator[RunningOperator]:  # noqa: F811
-    """Install the Widget CRD and run the test operator until the test ends."""
+def operator(kubeapi: KubeApiServer,  # noqa: F811
+             request: pytest.FixtureRequest) -> Iterator[RunningOperator]:
+    """Install the Widget CRD and run the test operator until the test ends.
+
+    The operator watches the default namespace, or every namespace when the test
+    parametrizes this fixture indirectly with ``"clusterwide"``.
+    """
+    clusterwide = getattr(request, "param", "namespaced") == "clusterwide"
     client_for(kubeapi).install_widget_crd()
     calls = HandlerCalls()
     registry = build_registry(kubeapi, calls)
@@ -101,8 +107,9 @@ def operator(kubeapi: KubeApiServer) -> Iterator[RunningOperator]:  # noqa: F811
     ready = threading.Event()
 
     def run() -> None:
-        asyncio.run(kopf.operator(registry=registry, standalone=True, namespaces=["default"],
-                                  stop_flag=stop, ready_flag=ready))
+        namespaces = [] if clusterwide else ["default"]
+        asyncio.run(kopf.operator(registry=registry, standalone=True, clusterwide=clusterwide,
+                                  namespaces=namespaces, stop_flag=stop, ready_flag=ready))
 
     thread = threading.Thread(target=run, name="kopf-operator", daemon=True)
     thread.start()
@@ -185,6 +192,7 @@ def test_kopf_handles_delete_and_removes_finalizer(
     assert operator.calls.seen("delete", "three") == [None]
 
 
+@pytest.mark.parametrize("operator", ["namespaced", "clusterwide"], indirect=True)
 def test_kopf_recovers_from_gone_watch(
     kubeapi: KubeApiServer, operator: RunningOperator  # noqa: F811
 ) -> None:

@@ -1,4 +1,4 @@
-"""The HTTP side of the emulator: routing, request log, watch streams, tables and lifecycle.
+"""The HTTP side of the emulator: routing, request log, patches, tables and lifecycle.
 
 :class:`KubeApiServer` is an aiohttp application on 127.0.0.1. It accepts any bearer token
 and serves plain HTTP, which kubectl, kopf and the ``kubernetes`` client all accept from a
@@ -14,7 +14,6 @@ import base64
 import json
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -28,16 +27,15 @@ from dbsync.testing.kubeapi import discovery, errors, patches, protobuf
 from dbsync.testing.kubeapi.discovery import ResourceType
 from dbsync.testing.kubeapi.errors import ApiError
 from dbsync.testing.kubeapi.selectors import Selector
-from dbsync.testing.kubeapi.store import EventType, Store, WatchEvent, WriteListener
+from dbsync.testing.kubeapi.store import EventType, Store, WriteListener
 from dbsync.testing.kubeapi.tables import TableColumns, build_table
+from dbsync.testing.kubeapi.watch import JSON, WatchStreamer, is_true, wants_table
 
 logger = logging.getLogger("dbsync.testing.kubeapi")
 
-JSON = "application/json"
 # Why one second: the real server sends a bookmark about once a minute, which is too slow
 # for tests. Clients only rely on bookmarks arriving now and then.
 DEFAULT_BOOKMARK_INTERVAL_SECONDS = 1.0
-DEFAULT_WATCH_TIMEOUT_SECONDS = 1800
 TOKEN = "dbsync-emulator-token"  # noqa: S105  (any token is accepted; this one is not secret)
 PATCH_TYPES = {
     "application/merge-patch+json": "merge",
@@ -116,16 +114,6 @@ def json_response(body: Any, *, status: int = 200) -> web.Response:
     return web.Response(status=status, text=json.dumps(body), content_type=JSON)
 
 
-def wants_table(request: web.Request) -> bool:
-    accept = request.headers.get("Accept", "")
-    first = accept.split(",")[0].replace(" ", "")
-    return "as=Table" in first and "g=meta.k8s.io" in first
-
-
-def is_true(value: str | None) -> bool:
-    return value is not None and value.lower() in ("true", "1")
-
-
 class KubeApiServer:
     """An in-memory Kubernetes API server for tests: discovery, CRDs, objects and watches.
 
@@ -152,6 +140,8 @@ class KubeApiServer:
         self.records_lock = threading.Lock()
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.watches = WatchStreamer(self.store, bookmark_interval_seconds,
+                                     lambda: self.stopping)
 
     # --- lifecycle and public helpers ----------------------------------------------------
 
@@ -363,7 +353,7 @@ class KubeApiServer:
         method = request.method
 
         if method == "GET" and watch:
-            return await self.serve_watch(request, resource_type, namespace)
+            return await self.watches.serve(request, resource_type, namespace)
         if method == "GET" and target.name:
             obj = self.store.get(resource_type, namespace, target.name)
             return self.respond_objects(request, resource_type, [obj], single=True)
@@ -533,101 +523,6 @@ class KubeApiServer:
         updated = self.store.replace(resource_type, namespace, target.name, patched,
                                      subresource=target.subresource or None, strict=strict)
         return json_response(updated)
-
-    # --- watch ---------------------------------------------------------------------------
-
-    async def serve_watch(self, request: web.Request, resource_type: ResourceType,
-                          namespace: str | None) -> web.StreamResponse:
-        query = request.query
-        selector = Selector.parse(query.get("labelSelector"), query.get("fieldSelector"))
-        bookmarks = is_true(query.get("allowWatchBookmarks"))
-        timeout_seconds = float(query.get("timeoutSeconds") or DEFAULT_WATCH_TIMEOUT_SECONDS)
-        since_text = query.get("resourceVersion") or ""
-        send_initial = is_true(query.get("sendInitialEvents"))
-        try:
-            since = int(since_text) if since_text else None
-        except ValueError as error:
-            raise errors.bad_request(f"invalid resourceVersion {since_text!r}") from error
-        as_table = wants_table(request)
-
-        response = web.StreamResponse(status=200, headers={"Content-Type": JSON})
-        response.enable_chunked_encoding()
-        await response.prepare(request)
-        try:
-            initial, watcher = self.store.open_watch(
-                resource_type, namespace, selector, None if send_initial else since)
-        except ApiError as error:
-            # Why 200 with an ERROR event: the real server reports a too-old resourceVersion
-            # inside the watch stream, and clients such as kopf look for it there.
-            await self.write_event(response, "ERROR", error.to_status())
-            await response.write_eof()
-            return response
-
-        deadline = time.monotonic() + timeout_seconds
-        try:
-            for event in initial:
-                await self.write_watch_event(response, resource_type, event, as_table)
-            if send_initial:
-                await self.write_event(response, "BOOKMARK", self.bookmark_object(
-                    resource_type, initial_events_end=True))
-            await self.pump_watch(response, resource_type, watcher.queue, deadline,
-                                  bookmarks, as_table)
-        except (ConnectionResetError, asyncio.CancelledError):
-            logger.debug("watch client went away")
-        finally:
-            self.store.close_watch(watcher)
-        with suppress(ConnectionResetError):
-            await response.write_eof()
-        return response
-
-    async def pump_watch(
-        self, response: web.StreamResponse, resource_type: ResourceType,
-        queue: asyncio.Queue[WatchEvent | None], deadline: float, bookmarks: bool,
-        as_table: bool,
-    ) -> None:
-        while not self.stopping:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                if bookmarks:
-                    await self.write_event(response, "BOOKMARK",
-                                           self.bookmark_object(resource_type))
-                return
-            wait = min(remaining, self.bookmark_interval_seconds) if bookmarks else remaining
-            try:
-                event = await asyncio.wait_for(queue.get(), timeout=wait)
-            except TimeoutError:
-                if bookmarks and time.monotonic() < deadline:
-                    await self.write_event(response, "BOOKMARK",
-                                           self.bookmark_object(resource_type))
-                continue
-            if event is None:
-                return
-            await self.write_watch_event(response, resource_type, event, as_table)
-
-    def bookmark_object(self, resource_type: ResourceType, *,
-                        initial_events_end: bool = False) -> dict[str, Any]:
-        metadata: dict[str, Any] = {"resourceVersion": str(self.store.resource_version)}
-        if initial_events_end:
-            metadata["annotations"] = {"k8s.io/initial-events-end": "true"}
-        return {"kind": resource_type.kind, "apiVersion": resource_type.api_version,
-                "metadata": metadata}
-
-    async def write_watch_event(self, response: web.StreamResponse,
-                                resource_type: ResourceType, event: WatchEvent,
-                                as_table: bool) -> None:
-        obj = self.store.render(resource_type, event.obj)
-        obj["metadata"]["resourceVersion"] = str(event.resource_version)
-        payload = obj
-        if as_table:
-            payload = build_table(self.table_columns(resource_type), [obj],
-                                  resource_version=str(event.resource_version),
-                                  include_object="Object")
-        await self.write_event(response, event.type.value, payload)
-
-    async def write_event(self, response: web.StreamResponse, event_type: str,
-                          obj: dict[str, Any]) -> None:
-        line = json.dumps({"type": event_type, "object": obj}) + "\n"
-        await response.write(line.encode())
 
 
 @contextmanager

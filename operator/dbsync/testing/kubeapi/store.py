@@ -20,11 +20,11 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from dbsync.testing.kubeapi import errors
+from dbsync.testing.kubeapi import crds, errors
+from dbsync.testing.kubeapi.crds import CRD_GROUP, now_timestamp
 from dbsync.testing.kubeapi.discovery import BUILTIN_TYPES, ResourceType, version_priority
 from dbsync.testing.kubeapi.errors import FieldError
 from dbsync.testing.kubeapi.schema import prepare
@@ -32,7 +32,6 @@ from dbsync.testing.kubeapi.selectors import Selector
 
 logger = logging.getLogger("dbsync.testing.kubeapi")
 
-CRD_GROUP = "apiextensions.k8s.io"
 INITIAL_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 DNS_SUBDOMAIN_MESSAGE = (
@@ -105,10 +104,6 @@ class Watcher:
             return WatchEvent(event.resource_version, new_type, event.storage_key,
                               event.namespace, event.obj)
         return event if now else None
-
-
-def now_timestamp() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def spec_part(obj: dict[str, Any], *, has_status: bool) -> dict[str, Any]:
@@ -499,71 +494,13 @@ class Store:
     # --- custom resource definitions -----------------------------------------------------
 
     def prepare_crd(self, crd: dict[str, Any], previous: dict[str, Any] | None) -> None:
-        """Default and check a CRD, fill in its status, and (re)register its resource types."""
-        spec = crd.get("spec")
-        name = crd["metadata"].get("name", "")
-        problems: list[FieldError] = []
-        if not isinstance(spec, dict):
-            raise errors.invalid(kind="CustomResourceDefinition", group=CRD_GROUP, name=name,
-                                 errors=[FieldError("FieldValueRequired", "spec",
-                                                    "Required value")])
-        names = spec.setdefault("names", {})
-        group = spec.get("group", "")
-        plural = names.get("plural", "")
-        kind = names.get("kind", "")
-        for path, value in (("spec.group", group), ("spec.names.plural", plural),
-                            ("spec.names.kind", kind)):
-            if not value:
-                problems.append(FieldError("FieldValueRequired", path, "Required value"))
-        if plural and group and name != f"{plural}.{group}":
-            problems.append(FieldError(
-                "FieldValueInvalid", "metadata.name",
-                f'Invalid value: "{name}": must be spec.names.plural+"."+spec.group'))
-        if spec.get("scope") not in ("Namespaced", "Cluster"):
-            problems.append(FieldError(
-                "FieldValueNotSupported", "spec.scope",
-                f"Unsupported value: {errors.format_field_value(spec.get('scope'))}: "
-                'supported values: "Cluster", "Namespaced"'))
-        versions = spec.get("versions") or []
-        if not versions:
-            problems.append(FieldError("FieldValueRequired", "spec.versions",
-                                       "Required value: must have exactly one version marked "
-                                       "as storage version"))
-        elif sum(1 for version in versions if version.get("storage")) != 1:
-            problems.append(FieldError(
-                "FieldValueInvalid", "spec.versions",
-                "Invalid value: must have exactly one version marked as storage version"))
-        if previous is not None and previous["spec"].get("group") != group:
-            problems.append(FieldError("FieldValueInvalid", "spec.group",
-                                       "Invalid value: field is immutable"))
-        if problems:
-            raise errors.invalid(kind="CustomResourceDefinition", group=CRD_GROUP, name=name,
-                                 errors=problems)
-
-        names.setdefault("singular", kind.lower())
-        names.setdefault("listKind", f"{kind}List")
-        spec.setdefault("conversion", {"strategy": "None"})
-        for version in versions:
-            version.setdefault("served", True)
-        now = now_timestamp()
-        stored = [version["name"] for version in versions if version.get("storage")]
-        crd["status"] = {
-            "acceptedNames": copy.deepcopy(names),
-            "conditions": [
-                {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts",
-                 "message": "no conflicts found", "lastTransitionTime": now},
-                {"type": "Established", "status": "True", "reason": "InitialNamesAccepted",
-                 "message": "the initial names have been accepted", "lastTransitionTime": now},
-            ],
-            "storedVersions": sorted(set(stored) | set(
-                (previous or {}).get("status", {}).get("storedVersions", []))),
-        }
+        """Check and default a CRD, fill in its status, and (re)register its resource types."""
+        crds.prepare_crd(crd, previous)
+        spec = crd["spec"]
         if previous is not None:
             self.unregister_crd(previous)
-        for version in versions:
-            if not version.get("served"):
-                continue
-            self.register(crd_resource_type(spec, version))
+        for resource_type in crds.served_types(spec):
+            self.register(resource_type)
 
     def unregister_crd(self, crd: dict[str, Any]) -> None:
         spec = crd["spec"]
@@ -630,27 +567,6 @@ class Store:
             self.history.clear()
             for watcher in list(self.watchers):
                 watcher.queue.put_nowait(None)
-
-
-def crd_resource_type(spec: dict[str, Any], version: dict[str, Any]) -> ResourceType:
-    names = spec["names"]
-    subresources = version.get("subresources") or {}
-    schema = (version.get("schema") or {}).get("openAPIV3Schema")
-    return ResourceType(
-        group=spec["group"],
-        version=version["name"],
-        plural=names["plural"],
-        kind=names["kind"],
-        namespaced=spec["scope"] == "Namespaced",
-        singular=names.get("singular") or names["kind"].lower(),
-        short_names=tuple(names.get("shortNames") or ()),
-        categories=tuple(names.get("categories") or ()),
-        has_status="status" in subresources,
-        sets_generation=True,
-        schema=schema,
-        printer_columns=tuple(version.get("additionalPrinterColumns") or ()),
-        custom=True,
-    )
 
 
 def fold_string_data(secret: dict[str, Any]) -> None:
