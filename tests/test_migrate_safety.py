@@ -282,6 +282,36 @@ def test_lock_released_during_retries_applies(
     assert any("hit lock_timeout" in warning for warning in result.outcomes[0].warnings)
 
 
+def terminate_when_sleeping(dsn: str) -> None:
+    """End the migration's session once it runs pg_sleep, as a crashed connection would."""
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        for _attempt in range(500):
+            row = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'dbsync migrate' AND query LIKE '%pg_sleep%'"
+            ).fetchone()
+            if row is not None:
+                return
+            time.sleep(0.02)
+
+
+def test_lost_session_rolls_back(migrated: tuple[str, Path]) -> None:
+    target, directory = migrated
+    write_revision(directory, "r002", "r001", ["CREATE TABLE t_2 (id int)"])
+    write_revision(directory, "r003", "r002", ["SELECT pg_sleep(10)"])
+    killer = threading.Thread(target=terminate_when_sleeping, args=(target,))
+    killer.start()
+    try:
+        with pytest.raises(MigrationFailedError) as caught:
+            run_migrate(target, migrations_dir=directory)
+    finally:
+        killer.join()
+    assert "revision r003 (r003.py)" in str(caught.value)
+    assert caught.value.result.revision_after == "r001"  # type: ignore[attr-defined]
+    assert alembic_version(target) == ["r001"]
+    assert row_count(target, "SELECT count(*) FROM pg_class WHERE relname = 't_2'") == 0
+
+
 def test_statement_timeout_explained(migrated: tuple[str, Path]) -> None:
     target, directory = migrated
     write_revision(directory, "r002", "r001", ["SELECT pg_sleep(2)"])

@@ -423,6 +423,34 @@ def read_revision(ctx: RunContext) -> str | None:
         connection.rollback()
 
 
+def _revision_after_failure(ctx: RunContext, expected: str | None) -> str | None:
+    """Re-read the revision after a failure; if the target is unreachable, assume ``expected``.
+
+    ``expected`` is what the server guarantees: a lost connection rolls back the open
+    transaction, so the target stays at the last committed revision.
+    """
+    try:
+        return read_revision(ctx)
+    except (DbsyncError, SQLAlchemyError, psycopg.Error) as error:
+        message = (f"could not re-read the target's revision after the failure "
+                   f"({error_detail(error)}); reporting {expected or 'base'}, the last "
+                   "committed revision")
+        logger.warning("%s", message)
+        ctx.warnings.append(message)
+        return expected
+
+
+def _invalid_after_failure(ctx: RunContext) -> tuple[str, ...]:
+    try:
+        return _all_invalid(ctx)
+    except (DbsyncError, SQLAlchemyError, psycopg.Error) as error:
+        message = (f"could not check for INVALID indexes after the failure "
+                   f"({error_detail(error)}); check pg_index.indisvalid on the target")
+        logger.warning("%s", message)
+        ctx.warnings.append(message)
+        return ()
+
+
 def outcome(ctx: RunContext, revision_file: RevisionFile, status: OutcomeStatus, *,
             duration_ms: int = 0, sql: str | None = None, warnings: tuple[str, ...] = (),
             operation: Operation | None = None) -> RevisionOutcome:
@@ -640,15 +668,18 @@ def _per_revision_failure(ctx: RunContext, failure: _TransactionFailed,
     if not ctx.analysis(failed).transactional:
         warnings = ("ran outside a transaction: statements that completed before the error "
                     "stay committed",)
-    created = new_invalid_indexes(ctx)
+    invalid = _invalid_after_failure(ctx)
+    created = tuple(name for name in invalid if name not in ctx.invalid_before)
     warnings += tuple(f"index {name} is INVALID after this revision's failure: drop it "
                       "before running the revision again" for name in created)
     outcomes = [*outcomes, outcome(ctx, failed, OutcomeStatus.FAILED, warnings=warnings,
                                    operation=failure.failed_operation)]
     outcomes.extend(_skip_remaining(ctx, ctx.steps[index + 1:],
                                     f"not run because revision {failed.revision} failed"))
-    result = _result(ctx, outcomes, revision_after=read_revision(ctx),
-                     invalid=_all_invalid(ctx))
+    committed = ctx.before if index == 0 else ctx.destination(index - 1)
+    committed = None if committed == "base" else committed
+    result = _result(ctx, outcomes, revision_after=_revision_after_failure(ctx, committed),
+                     invalid=invalid)
     applied = ", ".join(result.applied) or "none"
     summary = (f"{message}. Committed before the failure: {applied}; the target is now at "
                f"{result.revision_after or 'base'}")
@@ -675,7 +706,7 @@ def _failure_error(ctx: RunContext, failure: _TransactionFailed, *,
     outcomes.extend(_skip_remaining(
         ctx, remaining, f"not run because revision {failed.revision if failed else '?'} "
         "failed"))
-    result = _result(ctx, outcomes, revision_after=read_revision(ctx))
+    result = _result(ctx, outcomes, revision_after=_revision_after_failure(ctx, ctx.before))
     rolled_back = ", ".join(item.revision_file.revision for item in failure.ran) or "none"
     what = "rehearsal" if rehearsal else "transaction"
     summary = (f"{message}. The {what} was rolled back, so the target is unchanged at "
