@@ -23,7 +23,7 @@ def now_timestamp() -> str:
 
 
 def prepare_crd(crd: dict[str, Any], previous: dict[str, Any] | None) -> None:
-    """Check and default a CRD and fill in its status; raise ``422 Invalid`` when invalid."""
+    """Check and default a CRD and fill in its status, or raise ``422 Invalid``."""
     spec = crd.get("spec")
     name = crd["metadata"].get("name", "")
     problems: list[FieldError] = []

@@ -123,7 +123,7 @@ def remove_at(document: Any, pointer: str) -> tuple[Any, Any]:
 
 
 def json_patch(target: Any, operations: Any) -> Any:
-    """Apply an RFC 6902 JSON patch and return the result; a failed ``test`` gives 422."""
+    """Apply an RFC 6902 JSON patch and return the result. A failed ``test`` raises 422."""
     if not isinstance(operations, list):
         raise bad_request("json: cannot unmarshal object into Go value of type jsonpatch.Patch")
     document = copy.deepcopy(target)

@@ -71,7 +71,7 @@ def preserves_unknown(schema: Schema) -> bool:
 
 
 def prune(value: Any, schema: Schema, path: str = "", *, root: bool = False) -> list[str]:
-    """Remove fields the schema does not declare, in place; return the pruned field paths."""
+    """Remove fields the schema does not declare, in place, and return their paths."""
     pruned: list[str] = []
     if isinstance(value, dict):
         properties: dict[str, Schema] = schema.get("properties", {})
@@ -293,7 +293,7 @@ def passes(value: Any, schema: Schema, path: str) -> bool:
 
 
 def validate(obj: dict[str, Any], schema: Schema) -> list[FieldError]:
-    """Validate a whole custom resource; ``metadata`` is left to the object-meta checks."""
+    """Validate a whole custom resource except ``metadata``, which the store checks."""
     validator = Validator()
     properties: dict[str, Schema] = schema.get("properties", {})
     for name in schema.get("required", []):
@@ -311,7 +311,7 @@ def validate(obj: dict[str, Any], schema: Schema) -> list[FieldError]:
 
 
 def prepare(obj: dict[str, Any], schema: Schema | None) -> tuple[list[str], list[FieldError]]:
-    """Prune, default and validate ``obj`` in place; return pruned paths and errors."""
+    """Prune, default and validate ``obj`` in place, returning pruned paths and errors."""
     if schema is None:
         return prune_metadata(obj.get("metadata")), []
     pruned = prune(obj, schema, root=True)

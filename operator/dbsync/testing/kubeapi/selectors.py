@@ -57,7 +57,7 @@ def split_clauses(text: str) -> list[str]:
 
 
 def parse_label_selector(text: str | None) -> tuple[Requirement, ...]:
-    """Parse a label selector; raise ``ApiError`` (400) naming the selector when invalid."""
+    """Parse a label selector, or raise ``ApiError`` (400) naming an invalid one."""
     if not text:
         return ()
     requirements = []

@@ -47,7 +47,11 @@ PATCH_TYPES = {
 
 @dataclass(frozen=True)
 class RequestRecord:
-    """One request in RBAC terms: verb, resource, subresource, namespace, and the client."""
+    """One request in RBAC terms: verb, resource, subresource, namespace, and the client.
+
+    Requests outside resources (discovery, OpenAPI, /version) have an empty ``resource``
+    and the lowercase HTTP method as ``verb``. Their ``path`` tells them apart.
+    """
 
     verb: str
     api_group: str
@@ -131,7 +135,6 @@ class KubeApiServer:
     ) -> None:
         self.host = host
         self.requested_port = port
-        self.bookmark_interval_seconds = bookmark_interval_seconds
         self.store = Store(watch_history_size=watch_history_size)
         self.kubeconfig_path: Path | None = None
         self.runner: web.AppRunner | None = None
@@ -146,7 +149,7 @@ class KubeApiServer:
     # --- lifecycle and public helpers ----------------------------------------------------
 
     async def start(self) -> None:
-        """Start listening; the port is chosen by the OS when ``port`` is 0."""
+        """Start listening, on a port the OS chooses when ``port`` is 0."""
         self.loop = asyncio.get_running_loop()
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self.dispatch)
@@ -213,7 +216,7 @@ class KubeApiServer:
     def get_object(
         self, group: str, version: str, plural: str, namespace: str | None, name: str
     ) -> dict[str, Any] | None:
-        """Return a copy of a stored object, or None; safe to call from any thread."""
+        """Return a copy of a stored object, or None. Safe to call from any thread."""
         resource_type = self.store.find_type(group, version, plural)
         if resource_type is None:
             return None
@@ -224,7 +227,7 @@ class KubeApiServer:
             return None
 
     def compact_watch_history(self) -> None:
-        """Forget watch history: older resourceVersions get ``410 Gone``; open watches end."""
+        """Forget watch history, so older resourceVersions get ``410 Gone``, and end watches."""
         loop = self.loop_if_other_thread()
         if loop is None:
             self.store.compact()

@@ -347,7 +347,7 @@ class Store:
         self, resource_type: ResourceType, namespace: str | None, name: str,
         body: dict[str, Any], *, subresource: str | None = None, strict: bool = False,
     ) -> dict[str, Any]:
-        """Update (PUT) an object; ``subresource="status"`` changes only its status."""
+        """Update (PUT) an object. With ``subresource="status"`` only its status changes."""
         with self.lock:
             current = self.bucket(resource_type).get((namespace, name))
             if current is None:

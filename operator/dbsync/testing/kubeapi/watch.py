@@ -1,8 +1,8 @@
 """Watch streams: newline-delimited JSON events, bookmarks, timeouts and ``410 Gone``.
 
-A watch replays the store's kept history after the requested resourceVersion (or the current
-objects as ADDED events when none is given), then streams live events from the store's queue
-until ``timeoutSeconds`` passes, the client goes away or the server stops.
+A watch first replays the store's kept history after the requested resourceVersion, or sends
+the current objects as ADDED events when none is given. It then streams live events from the
+store's queue until ``timeoutSeconds`` passes, the client goes away or the server stops.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ DEFAULT_WATCH_TIMEOUT_SECONDS = 1800
 
 
 def wants_table(request: web.Request) -> bool:
-    """Return whether the first media type in Accept asks for a ``meta.k8s.io`` Table."""
+    """Return whether the first media type in Accept requests a ``meta.k8s.io`` Table."""
     accept = request.headers.get("Accept", "")
     first = accept.split(",")[0].replace(" ", "")
     return "as=Table" in first and "g=meta.k8s.io" in first
@@ -52,7 +52,7 @@ class WatchStreamer:
 
     async def serve(self, request: web.Request, resource_type: ResourceType,
                     namespace: str | None) -> web.StreamResponse:
-        """Stream the watch events ``request`` asks for until its timeout or a stop."""
+        """Stream the events ``request`` selects until its timeout, a disconnect or a stop."""
         query = request.query
         selector = Selector.parse(query.get("labelSelector"), query.get("fieldSelector"))
         bookmarks = is_true(query.get("allowWatchBookmarks"))
