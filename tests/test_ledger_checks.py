@@ -354,3 +354,26 @@ def test_failing_query_is_error_and_next_check_runs(ledger_dsn: str) -> None:
     assert "operator does not exist" in stored.message
     assert trial.status is CheckStatus.PASS
     assert result.failed_checks == (CheckName.STORED_BALANCES,)
+
+
+def test_signed_ledger_with_negative_debits(ledger_dsn: str) -> None:
+    """debitSign negative reads negative amounts as debits, for balances too."""
+    books = make_books(ledger_dsn, "signed")
+    books.execute(sql.SQL("UPDATE {}.entries SET amount = -amount").format(
+        sql.Identifier(books.schema)))
+    data = books.config_data()
+    data["postings"]["debitSign"] = "negative"
+    result = run_ledger_checks(target_dsn=books.dsn,
+                               config=type(books.config()).model_validate(data))
+    assert result.balanced, result.render_text()
+
+
+def test_default_normal_side_without_column(ledger_dsn: str) -> None:
+    """Without a normal-side column every account takes defaultNormalSide."""
+    books = make_books(ledger_dsn, "side")
+    data = books.config_data(checks=["stored_balances"])
+    del data["accounts"]["normalSide"]
+    config = type(books.config()).model_validate(data)
+    result = run_ledger_checks(target_dsn=books.dsn, config=config)
+    # Accounts 2 and 4 are credit-normal in the fixture, so a debit default flags them.
+    assert result.checks[0].offending_keys == ("2", "4")
