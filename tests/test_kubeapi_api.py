@@ -442,6 +442,28 @@ def test_list_filters_by_label_selector(api: ApiClient) -> None:
     assert names("tier!%3Dweb") == ["b", "c"]
 
 
+def test_field_selector_outside_supported_labels_is_rejected(api: ApiClient) -> None:
+    """Custom resources accept only metadata field labels, as on a real server."""
+    create_widget(api, "fs")
+    by_name = api.call("GET", f"{WIDGETS}?fieldSelector=metadata.name%3Dfs").body["items"]
+    reply = api.call("GET", f"{WIDGETS}?fieldSelector=spec.mode%3Dfast")
+    assert [item["metadata"]["name"] for item in by_name] == ["fs"]
+    assert reply.status == 400
+    assert reply.body["message"] == "field label not supported: spec.mode"
+
+
+def test_event_field_selector_matches_involved_object(api: ApiClient) -> None:
+    """Events are selectable by involvedObject fields, as kubectl describe does."""
+    for name, target in (("e.1", "a"), ("e.2", "b")):
+        api.call("POST", "/api/v1/namespaces/default/events", {
+            "metadata": {"name": name}, "involvedObject": {"kind": "Widget", "name": target},
+            "source": {"component": "dbsync"}, "reason": "Synced"})
+    selector = "involvedObject.name%3Db,involvedObject.kind%3DWidget,source%3Ddbsync"
+    items = api.call("GET", f"/api/v1/namespaces/default/events?fieldSelector={selector}"
+                     ).body["items"]
+    assert [item["metadata"]["name"] for item in items] == ["e.2"]
+
+
 def test_list_pages_with_limit_and_continue(api: ApiClient) -> None:
     """limit and continue page through a list."""
     for name in ("p1", "p2", "p3"):

@@ -113,6 +113,8 @@ def crd_resource_type(spec: dict[str, Any], version: dict[str, Any]) -> Resource
         schema=schema,
         printer_columns=tuple(version.get("additionalPrinterColumns") or ()),
         custom=True,
+        selectable_fields=tuple(
+            field["jsonPath"].lstrip(".") for field in version.get("selectableFields") or ()),
     )
 
 

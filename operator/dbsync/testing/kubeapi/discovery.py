@@ -41,6 +41,8 @@ class ResourceType:
     schema: dict[str, Any] | None = field(default=None, compare=False, hash=False)
     printer_columns: tuple[dict[str, Any], ...] = field(default=(), compare=False, hash=False)
     custom: bool = False
+    # Field selector labels the server accepts besides metadata.name and metadata.namespace.
+    selectable_fields: tuple[str, ...] = ()
 
     @property
     def api_version(self) -> str:
@@ -89,30 +91,47 @@ def builtin(
     group: str, version: str, plural: str, kind: str, *, namespaced: bool = True,
     short_names: tuple[str, ...] = (), categories: tuple[str, ...] = (),
     has_status: bool = False, sets_generation: bool = False,
+    selectable_fields: tuple[str, ...] = (),
 ) -> ResourceType:
     return ResourceType(
         group=group, version=version, plural=plural, kind=kind, namespaced=namespaced,
         singular=kind.lower(), short_names=short_names, categories=categories,
         has_status=has_status, sets_generation=sets_generation,
+        selectable_fields=selectable_fields,
     )
+
+
+# Field selector labels that built-in kinds accept in Kubernetes v1.32, besides metadata.name
+# and metadata.namespace. Any other label is rejected with 400, as the real server does.
+EVENT_FIELDS = (
+    "involvedObject.kind", "involvedObject.namespace", "involvedObject.name",
+    "involvedObject.uid", "involvedObject.apiVersion", "involvedObject.resourceVersion",
+    "involvedObject.fieldPath", "reason", "reportingComponent", "source", "type",
+)
+POD_FIELDS = (
+    "spec.nodeName", "spec.restartPolicy", "spec.schedulerName", "spec.serviceAccountName",
+    "spec.hostNetwork", "status.phase", "status.podIP", "status.podIPs",
+    "status.nominatedNodeName",
+)
 
 
 # The built-in kinds dbsync's operator and its manifests touch.
 BUILTIN_TYPES: tuple[ResourceType, ...] = (
     builtin("", "v1", "namespaces", "Namespace", namespaced=False, short_names=("ns",),
-            has_status=True),
-    builtin("", "v1", "secrets", "Secret"),
+            has_status=True, selectable_fields=("status.phase",)),
+    builtin("", "v1", "secrets", "Secret", selectable_fields=("type",)),
     builtin("", "v1", "configmaps", "ConfigMap", short_names=("cm",)),
-    builtin("", "v1", "events", "Event", short_names=("ev",)),
+    builtin("", "v1", "events", "Event", short_names=("ev",), selectable_fields=EVENT_FIELDS),
     builtin("", "v1", "serviceaccounts", "ServiceAccount", short_names=("sa",)),
     builtin("", "v1", "pods", "Pod", short_names=("po",), categories=("all",),
-            has_status=True),
+            has_status=True, selectable_fields=POD_FIELDS),
     builtin("", "v1", "services", "Service", short_names=("svc",), categories=("all",),
             has_status=True),
-    builtin("events.k8s.io", "v1", "events", "Event", short_names=("ev",)),
+    builtin("events.k8s.io", "v1", "events", "Event", short_names=("ev",),
+            selectable_fields=EVENT_FIELDS),
     builtin("coordination.k8s.io", "v1", "leases", "Lease"),
     builtin("batch", "v1", "jobs", "Job", categories=("all",), has_status=True,
-            sets_generation=True),
+            sets_generation=True, selectable_fields=("status.successful",)),
     builtin("apps", "v1", "deployments", "Deployment", short_names=("deploy",),
             categories=("all",), has_status=True, sets_generation=True),
     builtin("rbac.authorization.k8s.io", "v1", "roles", "Role"),

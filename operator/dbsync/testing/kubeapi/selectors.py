@@ -94,6 +94,9 @@ def parse_field_selector(text: str | None) -> tuple[Requirement, ...]:
 
 
 def field_value(obj: dict[str, Any], path: str) -> str | None:
+    # Why: the Event field label "source" selects source.component.
+    if path == "source":
+        path = "source.component"
     value: Any = obj
     for part in path.split("."):
         if not isinstance(value, dict) or part not in value:
@@ -110,8 +113,15 @@ class Selector:
     fields: tuple[Requirement, ...] = ()
 
     @classmethod
-    def parse(cls, label_text: str | None, field_text: str | None) -> Selector:
-        return cls(parse_label_selector(label_text), parse_field_selector(field_text))
+    def parse(cls, label_text: str | None, field_text: str | None,
+              selectable_fields: tuple[str, ...] = ()) -> Selector:
+        """Parse both selectors; a field label outside ``selectable_fields`` gives 400."""
+        fields = parse_field_selector(field_text)
+        allowed = {"metadata.name", "metadata.namespace", *selectable_fields}
+        for requirement in fields:
+            if requirement.key not in allowed:
+                raise bad_request(f'field label not supported: {requirement.key}')
+        return cls(parse_label_selector(label_text), fields)
 
     def matches(self, obj: dict[str, Any]) -> bool:
         metadata = obj.get("metadata", {})

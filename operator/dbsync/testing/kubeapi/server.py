@@ -446,7 +446,8 @@ class KubeApiServer:
     def serve_list(self, request: web.Request, resource_type: ResourceType,
                    namespace: str | None) -> web.Response:
         selector = Selector.parse(request.query.get("labelSelector"),
-                                  request.query.get("fieldSelector"))
+                                  request.query.get("fieldSelector"),
+                                  resource_type.selectable_fields)
         items, version = self.store.list_objects(resource_type, namespace, selector)
 
         start = 0
@@ -476,7 +477,8 @@ class KubeApiServer:
     def serve_delete_collection(self, request: web.Request, resource_type: ResourceType,
                                 namespace: str | None) -> web.Response:
         selector = Selector.parse(request.query.get("labelSelector"),
-                                  request.query.get("fieldSelector"))
+                                  request.query.get("fieldSelector"),
+                                  resource_type.selectable_fields)
         items, _ = self.store.list_objects(resource_type, namespace, selector)
         deleted = []
         for item in items:

@@ -54,7 +54,8 @@ class WatchStreamer:
                     namespace: str | None) -> web.StreamResponse:
         """Stream the events ``request`` selects until its timeout, a disconnect or a stop."""
         query = request.query
-        selector = Selector.parse(query.get("labelSelector"), query.get("fieldSelector"))
+        selector = Selector.parse(query.get("labelSelector"), query.get("fieldSelector"),
+                                  resource_type.selectable_fields)
         bookmarks = is_true(query.get("allowWatchBookmarks"))
         timeout_seconds = float(query.get("timeoutSeconds") or DEFAULT_WATCH_TIMEOUT_SECONDS)
         since_text = query.get("resourceVersion") or ""
