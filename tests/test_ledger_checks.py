@@ -377,3 +377,21 @@ def test_default_normal_side_without_column(ledger_dsn: str) -> None:
     result = run_ledger_checks(target_dsn=books.dsn, config=config)
     # Accounts 2 and 4 are credit-normal in the fixture, so a debit default flags them.
     assert result.checks[0].offending_keys == ("2", "4")
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_shared_grouping_pass_matches_single_checks(ledger_dsn: str, style: str) -> None:
+    """Per-transaction checks run together report what each reports alone."""
+    books = make_books(ledger_dsn, style)
+    break_transaction_balance(books)
+    break_minimum_legs(books)
+    break_field_sanity(books)
+    break_mixed_currency(books)
+    grouped = [CheckName.TRANSACTION_BALANCE, CheckName.MINIMUM_LEGS, CheckName.MIXED_CURRENCY]
+    together = run_ledger_checks(target_dsn=books.dsn, config=books.config(
+        checks=[name.value for name in grouped])).checks
+    for shared in together:
+        alone = run_one(books, shared.name)
+        assert (shared.violations, shared.offending_keys, shared.rows_examined) == (
+            alone.violations, alone.offending_keys, alone.rows_examined), shared.name
+    assert "shared by the per-transaction checks" in together[1].message

@@ -28,6 +28,7 @@ from dbsync.pipeline.ledger_checks import (
     Bucket,
     CheckOutcome,
     Connection,
+    TransactionSummary,
     check_field_sanity,
     check_minimum_legs,
     check_mixed_currency,
@@ -37,6 +38,7 @@ from dbsync.pipeline.ledger_checks import (
     check_trial_balance,
     compare_fingerprints,
     fingerprint_buckets,
+    summarize_transactions,
 )
 from dbsync.pipeline.ledger_config import (
     CheckName,
@@ -155,6 +157,11 @@ _TARGET_CHECKS: dict[CheckName, CheckFunction] = {
 }
 
 
+# Checks that group all postings by transaction and can share one pass.
+_GROUPED_CHECKS = frozenset({CheckName.TRANSACTION_BALANCE, CheckName.MINIMUM_LEGS,
+                             CheckName.MIXED_CURRENCY})
+
+
 def _set_statement_timeout(connection: Connection, timeout_ms: int) -> None:
     # set_config(..., true) is SET LOCAL: it ends with the transaction, or with the savepoint
     # when that is rolled back.
@@ -266,10 +273,24 @@ def _run_all(*, target_dsn: str, config: LedgerConfig, source_dsn: str | None,
             logger.warning("ledger money column %s is floating point: checks use its text form "
                            "as an exact decimal", warning)
 
+        # Two or more per-transaction checks share one grouping pass, which runs inside
+        # the first of them and is timed with it.  Should it time out, the next one tries
+        # again, and a check whose pass succeeded no longer depends on it.
+        shared = len(_GROUPED_CHECKS.intersection(selected)) >= 2
+        summaries: list[TransactionSummary] = []
+
+        def run_check(name: CheckName) -> CheckOutcome:
+            check = _TARGET_CHECKS[name]
+            if not (shared and name in _GROUPED_CHECKS):
+                return check(schema, target, limit=limit)
+            if not summaries:
+                summaries.append(summarize_transactions(schema, target))
+            return check(schema, target, limit=limit, summary=summaries[0])
+
         for name in selected:
             if name is CheckName.FINGERPRINT:
                 continue
-            run = functools.partial(_TARGET_CHECKS[name], schema, target, limit=limit)
+            run = functools.partial(run_check, name)
             results.append(_run_timed(name, target, timeout_ms, target_secret, run))
 
         if CheckName.FINGERPRINT in selected:

@@ -77,27 +77,78 @@ def _transaction_key(schema: LedgerSchema, transaction: object, currency: object
     return f"{_key(transaction)}/{_key(currency)}"
 
 
+@dataclass(frozen=True)
+class TransactionSummary:
+    """Counts of one grouping pass that serve transaction_balance, minimum_legs and
+    mixed_currency together, so the postings are grouped once instead of three times."""
+
+    legs: int
+    unbalanced_groups: int
+    unknown_legs: int
+    one_sided_transactions: int
+    mixed_transactions: int
+
+
+def _balance_groups(schema: LedgerSchema) -> sql.Composed:
+    """Per (transaction, currency) group: net, legs, known legs, debit legs, credit legs."""
+    return sql.SQL(
+        "SELECT {txn} AS txn, {currency} AS currency, {net_sum} AS net, count(*) AS legs, "
+        "count(*) FILTER (WHERE {known}) AS known_legs, "
+        "count(*) FILTER (WHERE {debit}) AS debit_legs, "
+        "count(*) FILTER (WHERE {credit}) AS credit_legs "
+        "FROM {postings} GROUP BY {txn}, {currency_group}"
+    ).format(txn=schema.transaction_ref, currency=schema.currency_ref,
+             net_sum=schema.net_sum(), known=schema.leg_is_known(), debit=schema.is_debit(),
+             credit=schema.is_credit(), currency_group=schema.currency_group,
+             postings=schema.postings_table)
+
+
+def summarize_transactions(schema: LedgerSchema, connection: Connection) -> TransactionSummary:
+    """Count the violations of the three per-transaction checks in one grouping pass.
+
+    The inner grouping is by transaction and currency and the outer one by transaction.
+    With the covering index both stream in index order, so the second costs little.
+    """
+    legs, unbalanced, unknown, one_sided, mixed = _fetch_one(connection, sql.SQL(
+        "SELECT coalesce(sum(t.legs), 0), coalesce(sum(t.unbalanced_groups), 0), "
+        "coalesce(sum(t.unknown_legs), 0), "
+        "count(*) FILTER (WHERE t.debit_legs = 0 OR t.credit_legs = 0), "
+        "count(*) FILTER (WHERE t.currencies > 1) "
+        "FROM (SELECT g.txn, sum(g.legs) AS legs, "
+        "count(*) FILTER (WHERE g.net <> 0 OR g.known_legs < g.legs) AS unbalanced_groups, "
+        "sum(g.legs - g.known_legs) AS unknown_legs, sum(g.debit_legs) AS debit_legs, "
+        "sum(g.credit_legs) AS credit_legs, count(g.currency) AS currencies "
+        "FROM ({groups}) AS g GROUP BY g.txn) AS t"
+    ).format(groups=_balance_groups(schema)))
+    return TransactionSummary(legs=_as_int(legs), unbalanced_groups=_as_int(unbalanced),
+                              unknown_legs=_as_int(unknown),
+                              one_sided_transactions=_as_int(one_sided),
+                              mixed_transactions=_as_int(mixed))
+
+
+SHARED_GROUPING_NOTE = " (counted in the grouping pass shared by the per-transaction checks)"
+
+
 def check_transaction_balance(schema: LedgerSchema, connection: Connection, *,
-                              limit: int) -> CheckOutcome:
+                              limit: int, summary: TransactionSummary | None = None
+                              ) -> CheckOutcome:
     """Check that every transaction nets to zero in each of its currencies.
 
     Grouping by currency as well as transaction makes a USD debit and an equal EUR credit
     two unbalanced groups instead of a balanced pair.  A leg whose amount or side is unknown
     makes its group unprovable, so it counts as a violation rather than dropping out of SUM.
     """
-    grouped = sql.SQL(
-        "SELECT {txn} AS txn, {currency} AS currency, {net_sum} AS net, count(*) AS legs, "
-        "count(*) FILTER (WHERE {known}) AS known_legs "
-        "FROM {postings} GROUP BY {txn}, {currency_group}"
-    ).format(txn=schema.transaction_ref, currency=schema.currency_ref,
-             net_sum=schema.net_sum(), known=schema.leg_is_known(),
-             currency_group=schema.currency_group, postings=schema.postings_table)
+    grouped = _balance_groups(schema)
     violation = sql.SQL("(g.net <> 0 OR g.known_legs < g.legs)")
 
-    rows, violations, unknown_legs = _fetch_one(connection, sql.SQL(
-        "SELECT coalesce(sum(g.legs), 0), count(*) FILTER (WHERE {violation}), "
-        "coalesce(sum(g.legs - g.known_legs), 0) FROM ({grouped}) AS g"
-    ).format(violation=violation, grouped=grouped))
+    if summary is None:
+        rows, violations, unknown_legs = _fetch_one(connection, sql.SQL(
+            "SELECT coalesce(sum(g.legs), 0), count(*) FILTER (WHERE {violation}), "
+            "coalesce(sum(g.legs - g.known_legs), 0) FROM ({grouped}) AS g"
+        ).format(violation=violation, grouped=grouped))
+    else:
+        rows, violations = summary.legs, summary.unbalanced_groups
+        unknown_legs = summary.unknown_legs
     violation_count = _as_int(violations)
 
     keys: list[str] = []
@@ -121,10 +172,8 @@ def check_transaction_balance(schema: LedgerSchema, connection: Connection, *,
                         details={"unbalanced": unbalanced})
 
 
-# TODO: let transaction_balance, minimum_legs and mixed_currency share one grouping pass
-# when they run together. Each now groups all postings by transaction on its own.
 def check_minimum_legs(schema: LedgerSchema, connection: Connection, *,
-                       limit: int) -> CheckOutcome:
+                       limit: int, summary: TransactionSummary | None = None) -> CheckOutcome:
     """Check that every transaction has at least one debit leg and one credit leg."""
     grouped = sql.SQL(
         "SELECT {txn} AS txn, count(*) AS legs, count(*) FILTER (WHERE {debit}) AS debit_legs, "
@@ -133,9 +182,12 @@ def check_minimum_legs(schema: LedgerSchema, connection: Connection, *,
              postings=schema.postings_table)
     violation = sql.SQL("(g.debit_legs = 0 OR g.credit_legs = 0)")
 
-    rows, violations = _fetch_one(connection, sql.SQL(
-        "SELECT coalesce(sum(g.legs), 0), count(*) FILTER (WHERE {violation}) "
-        "FROM ({grouped}) AS g").format(violation=violation, grouped=grouped))
+    if summary is None:
+        rows, violations = _fetch_one(connection, sql.SQL(
+            "SELECT coalesce(sum(g.legs), 0), count(*) FILTER (WHERE {violation}) "
+            "FROM ({grouped}) AS g").format(violation=violation, grouped=grouped))
+    else:
+        rows, violations = summary.legs, summary.one_sided_transactions
     violation_count = _as_int(violations)
 
     keys: list[str] = []
@@ -152,6 +204,8 @@ def check_minimum_legs(schema: LedgerSchema, connection: Connection, *,
 
     message = (f"{_plural(violation_count, 'transaction')} "
                f"{'lacks' if violation_count == 1 else 'lack'} a debit or a credit leg")
+    if summary is not None:
+        message += SHARED_GROUPING_NOTE
     return CheckOutcome(rows_examined=_as_int(rows), violations=violation_count,
                         offending_keys=tuple(keys), message=message,
                         details={"one_sided": one_sided})
@@ -316,7 +370,8 @@ def check_field_sanity(schema: LedgerSchema, connection: Connection, *,
 
 
 def check_mixed_currency(schema: LedgerSchema, connection: Connection, *,
-                         limit: int) -> CheckOutcome:
+                         limit: int, summary: TransactionSummary | None = None
+                         ) -> CheckOutcome:
     """Check that every transaction's legs share one currency."""
     grouped = sql.SQL(
         "SELECT {txn} AS txn, count(*) AS legs, min({currency}) <> max({currency}) AS mixed "
@@ -324,9 +379,12 @@ def check_mixed_currency(schema: LedgerSchema, connection: Connection, *,
     ).format(txn=schema.transaction_ref, currency=schema.currency_group,
              postings=schema.postings_table)
 
-    rows, violations = _fetch_one(connection, sql.SQL(
-        "SELECT coalesce(sum(g.legs), 0), count(*) FILTER (WHERE g.mixed) FROM ({grouped}) AS g"
-    ).format(grouped=grouped))
+    if summary is None:
+        rows, violations = _fetch_one(connection, sql.SQL(
+            "SELECT coalesce(sum(g.legs), 0), count(*) FILTER (WHERE g.mixed) "
+            "FROM ({grouped}) AS g").format(grouped=grouped))
+    else:
+        rows, violations = summary.legs, summary.mixed_transactions
     violation_count = _as_int(violations)
 
     keys: list[str] = []
@@ -337,6 +395,8 @@ def check_mixed_currency(schema: LedgerSchema, connection: Connection, *,
 
     message = (f"{_plural(violation_count, 'transaction')} "
                f"{'mixes' if violation_count == 1 else 'mix'} currencies")
+    if summary is not None:
+        message += SHARED_GROUPING_NOTE
     return CheckOutcome(rows_examined=_as_int(rows), violations=violation_count,
                         offending_keys=tuple(keys), message=message)
 
