@@ -108,6 +108,13 @@ def test_docstring_mention_is_not_a_hazard(tmp_path: Path) -> None:
     assert load_scripts(tmp_path).revisions["r001"].upgrade.transactional
 
 
+def test_plpgsql_function_is_not_a_hazard(tmp_path: Path) -> None:
+    body = ("CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "NEW.updated_at := now(); RETURN NEW; END; $$")
+    write_revision(tmp_path, "r001", None, [body, "CREATE TEMP TABLE x (a int) ON COMMIT DROP"])
+    assert load_scripts(tmp_path).revisions["r001"].upgrade.transactional
+
+
 def test_downgrade_hazard_leaves_upgrade_transactional(tmp_path: Path) -> None:
     write_revision(tmp_path, "r001", None, ["CREATE TABLE t (a int)"],
                    ["DROP INDEX CONCURRENTLY ix", "DROP TABLE t"])

@@ -43,7 +43,8 @@ _NON_TRANSACTIONAL_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\bALTER\s+SYSTEM\b", re.IGNORECASE), "ALTER SYSTEM"),
     (re.compile(r"\b(?:CREATE|DROP)\s+DATABASE\b", re.IGNORECASE), "CREATE/DROP DATABASE"),
     (re.compile(r"\b(?:CREATE|DROP)\s+TABLESPACE\b", re.IGNORECASE), "CREATE/DROP TABLESPACE"),
-    (re.compile(r"(?:^|;)\s*(?:COMMIT|END)\s*(?:;|$)", re.IGNORECASE | re.MULTILINE), "COMMIT"),
+    # Only COMMIT: a bare END also closes PL/pgSQL blocks in CREATE FUNCTION bodies.
+    (re.compile(r"(?:^|;)\s*COMMIT\s*(?:;|$)", re.IGNORECASE | re.MULTILINE), "COMMIT"),
 )
 
 _ADD_VALUE = re.compile(
