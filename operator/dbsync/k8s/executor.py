@@ -118,15 +118,16 @@ class SyncExecutor:
         process = spare if spare is not None and spare.returncode is None else None
         if process is None:
             process = await self._spawn()
+
+        # Replace the spare now, so it imports on a free core while this sync runs.
+        await self.warm_up()
         return process
 
     async def warm_up(self) -> None:
         """Start a spare child unless one exists.
 
         The child imports its modules before it reads standard input, so a spare saves the
-        next sync that start-up time (0.5 to 3 s, depending on the machine's load).  It is
-        started after a sync ends, not during it, so its imports do not compete with the
-        running sync for the CPU.
+        next sync that start-up time (0.5 to 3 s, depending on the machine's load).
         """
         if self.prestart and self._spare is None:
             self._spare = await self._spawn()
@@ -158,7 +159,6 @@ class SyncExecutor:
             raise
         finally:
             self._children.pop(process.pid, None)
-        await self.warm_up()
 
         duration_seconds = time.monotonic() - started
         stderr_text = stderr.decode("utf-8", errors="replace")[-STDERR_TAIL_CHARACTERS:]
