@@ -67,6 +67,8 @@ def build_registry(server: KubeApiServer, calls: HandlerCalls) -> kopf.OperatorR
     def on_create(name: str, spec: Any, body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         calls.add("create", name, spec.get("replicas"))
         kopf.event(body, type="Normal", reason="Synced", message=f"widget {name} created")
+        if spec.get("owner") == "undeclared":
+            patch.status["undeclaredField"] = "dropped by the schema"
         patch.status["conditions"] = [{"type": "Ready", "status": "True", "reason": "Synced"}]
 
     @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry, id="widget-update",
@@ -140,14 +142,17 @@ def create(client: ApiClient, name: str, **spec: Any) -> None:
 
 
 def test_kopf_sees_create_and_patches_status(
-    kubeapi: KubeApiServer, operator: RunningOperator  # noqa: F811
+    kubeapi: KubeApiServer, operator: RunningOperator,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """kopf runs the create handler, adds its finalizer and writes status."""
+    """kopf runs the create handler, adds its finalizer and writes status consistently."""
     create(client_for(kubeapi), "one", replicas=2)
     assert wait_until(lambda: operator.calls.seen("create", "one")) == [2]
     obj = wait_until(lambda: (o := stored(kubeapi, "one")) and o.get("status") and o)
     assert obj["status"]["conditions"][0]["status"] == "True"
     assert FINALIZER in obj["metadata"]["finalizers"]
+    # Why: kopf warns when a patch's result differs from the patch it sent.
+    assert not [record for record in caplog.records if "inconsistencies" in record.getMessage()]
 
 
 def test_kopf_posts_events(kubeapi: KubeApiServer, operator: RunningOperator) -> None:  # noqa: F811
@@ -163,6 +168,22 @@ def test_kopf_posts_events(kubeapi: KubeApiServer, operator: RunningOperator) ->
     assert event["involvedObject"]["name"] == "evented"
     assert event["involvedObject"]["kind"] == "Widget"
     assert event["message"] == "widget evented created"
+
+
+def test_kopf_warns_on_undeclared_status_field(
+    kubeapi: KubeApiServer, operator: RunningOperator,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A status field the schema lacks is pruned, and kopf reports the inconsistency."""
+    create(client_for(kubeapi), "pruned", owner="undeclared")
+
+    def warned() -> bool:
+        return any("inconsistencies" in record.getMessage() for record in caplog.records)
+
+    wait_until(warned)
+    obj = stored(kubeapi, "pruned")
+    assert obj is not None
+    assert "undeclaredField" not in obj.get("status", {})
 
 
 def test_kopf_sees_spec_update(kubeapi: KubeApiServer, operator: RunningOperator) -> None:  # noqa: F811
