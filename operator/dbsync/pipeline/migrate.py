@@ -31,8 +31,8 @@ from dbsync.pipeline.migrate_alembic import (
 )
 from dbsync.pipeline.migrate_apply import (
     RunContext,
-    check_per_revision_limits,
     choose_mode,
+    reject_merge_downgrade,
     reject_non_transactional,
 )
 from dbsync.pipeline.migrate_checksums import (
@@ -251,7 +251,7 @@ def _run(context: RunContext, *, target_dsn: str, address: dsn_module.DatabaseAd
         scripts, before, context.target, allow_downgrade=options.allow_downgrade,
         address=address)
     context.warnings.extend(scripts.notes)
-    check_per_revision_limits(context)
+    reject_merge_downgrade(context)
 
     # Why: an edited, already-applied revision must stop the run before anything changes.
     applied_files = [scripts.revisions[item] for item in reversed(scripts.ancestors(before))]

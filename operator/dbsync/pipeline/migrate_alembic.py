@@ -202,7 +202,14 @@ class _ObservedStep:
 
 
 def _strip_transaction_lines(sql: str) -> str:
-    """Drop the BEGIN/COMMIT that offline mode wraps around each rendered step."""
-    lines = [line for line in sql.strip().splitlines()
-             if line.strip().upper() not in ("BEGIN;", "COMMIT;")]
+    """Drop the BEGIN and COMMIT that offline mode wraps around each rendered step.
+
+    Only the outer pair goes: a COMMIT inside, as an autocommit block renders, stays
+    visible in the plan.
+    """
+    lines = sql.strip().splitlines()
+    if lines and lines[0].strip().upper() == "BEGIN;":
+        lines = lines[1:]
+    if lines and lines[-1].strip().upper() == "COMMIT;":
+        lines = lines[:-1]
     return "\n".join(lines).strip()

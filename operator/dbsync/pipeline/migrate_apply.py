@@ -475,14 +475,12 @@ def static_warnings(ctx: RunContext, revision_file: RevisionFile,
     return tuple(found)
 
 
-def _skip_remaining(ctx: RunContext, remaining: list[RevisionFile], reason: str,
-                    *, audit: bool = True) -> list[RevisionOutcome]:
+def _skip_remaining(ctx: RunContext, remaining: list[RevisionFile],
+                    reason: str) -> list[RevisionOutcome]:
     results = []
     for revision_file in remaining:
-        operation = None
-        if audit:
-            operation = start_operation(ctx, revision_file)
-            finish_operation(ctx, operation, OperationStatus.SKIPPED, error=reason)
+        operation = start_operation(ctx, revision_file)
+        finish_operation(ctx, operation, OperationStatus.SKIPPED, error=reason)
         results.append(outcome(ctx, revision_file, OutcomeStatus.NOT_RUN, warnings=(reason,),
                                operation=operation))
     return results
@@ -533,8 +531,8 @@ def plan(ctx: RunContext) -> MigrateResult:
         transactional = ctx.analysis(revision_file).transactional and not scan_sql(sql)
         if not transactional or revision_file.revision in rehearsal_uses:
             warnings.append("not atomic and not rehearsable")
-        if not transactional and shared:
-            warnings.append("transaction mode all rejects this revision: use per-revision")
+        if shared and (not transactional or revision_file.revision in enum_uses):
+            warnings.append("cannot run in transaction mode all: use per-revision")
         operation = start_operation(ctx, revision_file)
         finish_operation(ctx, operation, OperationStatus.SUCCESS, metadata={
             "sql": sql, "warnings": warnings, "render_ms": duration_ms})
@@ -753,7 +751,7 @@ def reject_non_transactional(ctx: RunContext) -> None:
             "dry-run 'plan')")
 
 
-def check_per_revision_limits(ctx: RunContext) -> None:
+def reject_merge_downgrade(ctx: RunContext) -> None:
     """Reject downgrades through a merge revision, whose destination is ambiguous."""
     if not ctx.downgrade:
         return

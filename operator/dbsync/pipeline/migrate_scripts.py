@@ -59,7 +59,6 @@ class HazardKind(StrEnum):
 
     AUTOCOMMIT_BLOCK = "autocommit_block"
     NON_TRANSACTIONAL_STATEMENT = "non_transactional_statement"
-    ENUM_VALUE_USED_IN_TRANSACTION = "enum_value_used_in_transaction"
 
 
 @dataclass(frozen=True)
@@ -440,15 +439,3 @@ def find_enum_uses(revisions: list[RevisionFile]) -> dict[str, list[str]]:
                         f"revision {later.revision} ({later.file_name}) uses {label}, which "
                         f"revision {adding.revision} adds in the same transaction")
     return found
-
-
-def describe_scripts(scripts: ScriptSet) -> dict[str, Any]:
-    """Return a JSON-safe summary of a revision directory, for logs and reports."""
-    return {
-        "migrations_dir": str(scripts.migrations_dir),
-        "flat": scripts.flat,
-        "uses_own_env": scripts.uses_own_env,
-        "revisions": len(scripts.revisions),
-        "heads": list(scripts.heads()),
-        "notes": list(scripts.notes),
-    }
