@@ -92,6 +92,37 @@ def test_crd_status_reports_established(api: ApiClient) -> None:
     assert crd["spec"]["names"]["listKind"] == "WidgetList"
 
 
+def test_invalid_crd_name_leaves_nothing_served(api: ApiClient) -> None:
+    """A CRD rejected for its metadata does not start serving its resources."""
+    crd = copy.deepcopy(WIDGET_CRD)
+    crd["metadata"]["name"] = f"{PLURAL}.Bad.example.io"
+    crd["spec"]["group"] = "Bad.example.io"
+    reply = api.call("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
+    assert reply.status == 422
+    assert reply.body["details"]["causes"][0]["field"] == "metadata.name"
+    assert api.call("GET", "/apis/Bad.example.io/v1").status == 404
+
+
+def test_crd_reapply_without_change_keeps_version(api: ApiClient) -> None:
+    """Re-sending an unchanged CRD writes nothing."""
+    path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{PLURAL}.{GROUP}"
+    before = api.call("GET", path).body
+    after = api.call("PUT", path, before).body
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+
+
+def test_crd_finalizer_release_removes_resources(api: ApiClient) -> None:
+    """A CRD deleted through its last finalizer stops serving its resources."""
+    path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{PLURAL}.{GROUP}"
+    api.call("PATCH", path, {"metadata": {"finalizers": ["example.io/hold"]}},
+             content_type=MERGE)
+    api.call("DELETE", path)
+    assert api.call("GET", f"/apis/{GROUP}/{VERSION}").status == 200
+    api.call("PATCH", path, {"metadata": {"finalizers": None}}, content_type=MERGE)
+    assert api.call("GET", path).status == 404
+    assert api.call("GET", f"/apis/{GROUP}/{VERSION}").status == 404
+
+
 # --- metadata, resourceVersion and generation --------------------------------------------
 
 
@@ -160,7 +191,7 @@ def test_json_patch_failed_test_op_is_rejected(api: ApiClient) -> None:
 
 
 def test_json_patch_passing_test_op_applies(api: ApiClient) -> None:
-    """A JSON patch whose test op holds applies its other operations."""
+    """A JSON patch whose test op passes applies its other operations."""
     create_widget(api, "jok")
     reply = api.call("PATCH", f"{WIDGETS}/jok", [
         {"op": "test", "path": "/spec/replicas", "value": 1},
@@ -598,7 +629,7 @@ def test_watch_selector_transition_is_seen_as_delete(api: ApiClient) -> None:
 
 
 def test_cluster_wide_watch_sees_all_namespaces(api: ApiClient) -> None:
-    """A watch on /apis/{group}/{version}/{plural} sees every namespace."""
+    """A watch on /apis/{group}/{version}/{plural} receives events of every namespace."""
     version = api.call("GET", WIDGETS).body["metadata"]["resourceVersion"]
     api.call("POST", "/api/v1/namespaces", {"metadata": {"name": "other"}})
     create_widget(api, "here")

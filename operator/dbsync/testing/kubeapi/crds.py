@@ -80,18 +80,21 @@ def prepare_crd(crd: dict[str, Any], previous: dict[str, Any] | None) -> None:
     spec.setdefault("conversion", {"strategy": "None"})
     for version in versions:
         version.setdefault("served", True)
-    now = now_timestamp()
+    # Why keep the old conditions: their lastTransitionTime changes only on a transition,
+    # and a fresh time would turn every no-op update into a write.
+    previous_status = (previous or {}).get("status", {})
+    conditions = previous_status.get("conditions") or [
+        {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts",
+         "message": "no conflicts found", "lastTransitionTime": now_timestamp()},
+        {"type": "Established", "status": "True", "reason": "InitialNamesAccepted",
+         "message": "the initial names have been accepted",
+         "lastTransitionTime": now_timestamp()},
+    ]
     stored = [version["name"] for version in versions if version.get("storage")]
     crd["status"] = {
         "acceptedNames": copy.deepcopy(names),
-        "conditions": [
-            {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts",
-             "message": "no conflicts found", "lastTransitionTime": now},
-            {"type": "Established", "status": "True", "reason": "InitialNamesAccepted",
-             "message": "the initial names have been accepted", "lastTransitionTime": now},
-        ],
-        "storedVersions": sorted(set(stored) | set(
-            (previous or {}).get("status", {}).get("storedVersions", []))),
+        "conditions": copy.deepcopy(conditions),
+        "storedVersions": sorted(set(stored) | set(previous_status.get("storedVersions", []))),
     }
 
 

@@ -25,7 +25,7 @@ class StatusCause:
 
 @dataclass
 class ApiError(Exception):
-    """An error answered as a ``Status`` object with the HTTP ``code``."""
+    """An error sent as a ``Status`` object with the HTTP ``code``."""
 
     code: int
     reason: str

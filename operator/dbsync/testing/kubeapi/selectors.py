@@ -102,7 +102,9 @@ def field_value(obj: dict[str, Any], path: str) -> str | None:
         if not isinstance(value, dict) or part not in value:
             return None
         value = value[part]
-    return value if isinstance(value, str) else None if value is None else str(value)
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)
 
 
 @dataclass(frozen=True)

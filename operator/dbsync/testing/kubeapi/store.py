@@ -296,7 +296,9 @@ class Store:
                 obj.pop("status", None)
             self.apply_kind_rules(resource_type, obj, None)
             self.check_object(resource_type, obj, strict=strict)
-            return self.commit(resource_type, EventType.ADDED, obj, None)
+            created = self.commit(resource_type, EventType.ADDED, obj, None)
+            self.after_write(resource_type, obj, None)
+            return created
 
     def check_body_namespace(self, resource_type: ResourceType, namespace: str | None,
                              metadata: dict[str, Any]) -> None:
@@ -339,9 +341,8 @@ class Store:
             obj.setdefault("status", {}).setdefault("phase", "Active")
             labels = obj["metadata"].setdefault("labels", {})
             labels["kubernetes.io/metadata.name"] = obj["metadata"]["name"]
-        elif (resource_type.group, resource_type.plural) == (CRD_GROUP,
-                                                             "customresourcedefinitions"):
-            self.prepare_crd(obj, previous)
+        elif is_crd(resource_type):
+            crds.prepare_crd(obj, previous)
 
     def replace(
         self, resource_type: ResourceType, namespace: str | None, name: str,
@@ -421,8 +422,11 @@ class Store:
             # watch event) when an update changes nothing.
             return self.render(resource_type, current)
         if deleting and not metadata.get("finalizers"):
+            self.before_delete(resource_type, current)
             return self.commit(resource_type, EventType.DELETED, new, current)
-        return self.commit(resource_type, EventType.MODIFIED, new, current)
+        updated = self.commit(resource_type, EventType.MODIFIED, new, current)
+        self.after_write(resource_type, new, current)
+        return updated
 
     def delete(
         self, resource_type: ResourceType, namespace: str | None, name: str,
@@ -447,11 +451,7 @@ class Store:
                     marked["metadata"]["generation"] += 1
                 return self.commit(resource_type, EventType.MODIFIED, marked, current)
 
-            if (resource_type.group, resource_type.plural) == ("", "namespaces"):
-                self.delete_namespace_contents(name)
-            if (resource_type.group, resource_type.plural) == (CRD_GROUP,
-                                                               "customresourcedefinitions"):
-                self.remove_crd(current)
+            self.before_delete(resource_type, current)
             # TODO: ownerReferences are not garbage-collected; dependents outlive their owner.
             return self.commit(resource_type, EventType.DELETED, copy.deepcopy(current), current)
 
@@ -493,14 +493,22 @@ class Store:
 
     # --- custom resource definitions -----------------------------------------------------
 
-    def prepare_crd(self, crd: dict[str, Any], previous: dict[str, Any] | None) -> None:
-        """Check and default a CRD, fill in its status, and (re)register its resource types."""
-        crds.prepare_crd(crd, previous)
-        spec = crd["spec"]
+    def after_write(self, resource_type: ResourceType, obj: dict[str, Any],
+                    previous: dict[str, Any] | None) -> None:
+        """Serve a stored CRD's resource types, replacing those of its previous version."""
+        if not is_crd(resource_type):
+            return
         if previous is not None:
             self.unregister_crd(previous)
-        for resource_type in crds.served_types(spec):
-            self.register(resource_type)
+        for served in crds.served_types(obj["spec"]):
+            self.register(served)
+
+    def before_delete(self, resource_type: ResourceType, obj: dict[str, Any]) -> None:
+        """Remove what depends on an object about to go: a namespace's or a CRD's objects."""
+        if (resource_type.group, resource_type.plural) == ("", "namespaces"):
+            self.delete_namespace_contents(obj["metadata"]["name"])
+        elif is_crd(resource_type):
+            self.remove_crd(obj)
 
     def unregister_crd(self, crd: dict[str, Any]) -> None:
         spec = crd["spec"]
@@ -567,6 +575,10 @@ class Store:
             self.history.clear()
             for watcher in list(self.watchers):
                 watcher.queue.put_nowait(None)
+
+
+def is_crd(resource_type: ResourceType) -> bool:
+    return (resource_type.group, resource_type.plural) == (CRD_GROUP, "customresourcedefinitions")
 
 
 def fold_string_data(secret: dict[str, Any]) -> None:

@@ -1,6 +1,6 @@
 """Server-side tables (``meta.k8s.io/v1`` ``Table``) and the JSONPath subset printer columns use.
 
-``kubectl get`` asks for ``application/json;as=Table;v=v1;g=meta.k8s.io`` and prints whatever
+``kubectl get`` requests ``application/json;as=Table;v=v1;g=meta.k8s.io`` and prints whatever
 columns the server returns. For custom resources the columns are Name plus the CRD's
 ``additionalPrinterColumns`` (Age alone when the CRD declares none), with cells converted by
 column type as ``apiextensions-apiserver``'s table convertor does: ``date`` cells become ages
