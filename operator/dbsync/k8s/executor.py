@@ -30,13 +30,13 @@ CHILD_COMMAND = ("-m", "dbsync.cli.main", "run", "--config", "-", "--output", "j
 # Only the end of a child's log is kept: enough for the error that stopped it.
 STDERR_TAIL_CHARACTERS = 4000
 
-# After SIGTERM a child gets this long to close its audit operations before SIGKILL.
+# Grace period between SIGTERM and SIGKILL when a child is stopped.
 TERMINATE_GRACE_SECONDS = 5.0
 
 
 @dataclass(frozen=True, kw_only=True)
 class ChildOutcome:
-    """How one child process ended and the report it printed, if any."""
+    """Exit status of one child process and the report it printed, if any."""
 
     exit_code: int | None
     report: dict[str, Any] | None
