@@ -1,4 +1,4 @@
-"""Migrate options and results: validation, JSON form and text rendering (no database)."""
+"""Migrate options, results and URLs: validation, JSON form and rendering (no database)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from dbsync.pipeline.migrate import (
     RevisionOutcome,
     TransactionMode,
 )
+from dbsync.pipeline.migrate_alembic import public_url
 
 
 def make_result() -> MigrateResult:
@@ -79,3 +80,15 @@ def test_result_text_names_each_revision() -> None:
     assert "applied     r002  r002.py  12 ms" in text
     assert "[not transactional]" in text
     assert "INVALID indexes: public.ix_t1_name" in text
+
+
+def test_public_url_has_no_password() -> None:
+    url = public_url("postgresql://app:s3cret@db.internal:6432/ledger")
+    assert "s3cret" not in url.render_as_string(hide_password=False)
+    assert url.host == "db.internal"
+
+
+def test_public_url_socket_host_in_query() -> None:
+    url = public_url("host=/var/run/postgresql dbname=ledger user=app")
+    assert url.host is None
+    assert url.query["host"] == "/var/run/postgresql"

@@ -63,6 +63,11 @@ FROM (
 def public_url(dsn: str) -> URL:
     """Return a ``postgresql+psycopg://`` URL for ``dsn`` without its password."""
     address = dsn_module.describe(dsn, role="target")
+    if address.host.startswith("/"):
+        # A Unix-socket directory is not a URL host: libpq takes it as the host parameter.
+        return URL.create("postgresql+psycopg", username=address.user or None,
+                          database=address.database,
+                          query={"host": address.host, "port": str(address.port)})
     return URL.create("postgresql+psycopg", username=address.user or None,
                       host=address.host, port=address.port, database=address.database)
 
