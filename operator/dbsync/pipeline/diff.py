@@ -17,6 +17,7 @@ from dbsync.pipeline.diff_catalog import (
     CatalogObject,
     Schema,
     SchemaIntrospectionError,
+    garbage_collection_paused,
     introspect,
 )
 from dbsync.pipeline.diff_compare import (
@@ -62,8 +63,10 @@ def diff_databases(*, source_dsn: str, target_dsn: str,
     """Read both schemas and compare them, raising a DbsyncError when either read fails."""
     started = time.perf_counter()
 
-    # The two catalogs are read in parallel: each read waits mostly on its own server.
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="dbsync-diff") as pool:
+    # The two catalogs are read in parallel: each read waits mostly on its own server. The
+    # collector pause covers both threads, which would otherwise end each other's pause.
+    with garbage_collection_paused(), ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="dbsync-diff") as pool:
         source_future = pool.submit(
             introspect_dsn, source_dsn, role="source",
             connect_timeout_seconds=options.connect_timeout_seconds)
@@ -72,8 +75,8 @@ def diff_databases(*, source_dsn: str, target_dsn: str,
             connect_timeout_seconds=options.connect_timeout_seconds)
         source = source_future.result()
         target = target_future.result()
+        result = compare(source, target, options)
 
-    result = compare(source, target, options)
     logger.info(
         "compared %s with %s: %d differences in %.3f s",
         dsn_module.describe(source_dsn, role="source"),

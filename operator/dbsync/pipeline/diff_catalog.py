@@ -16,8 +16,9 @@ publications and event triggers are not read, so differences in them go unreport
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -726,6 +727,24 @@ def _read_catalog(connection: psycopg.Connection[Any]) -> Schema:
     )
 
 
+@contextlib.contextmanager
+def garbage_collection_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector for the block, if it was running.
+
+    A snapshot allocates tens of thousands of small objects, none of them in reference
+    cycles, and the collector's passes over them cost about a quarter of the client's CPU
+    time. The pause is process-wide, so it is kept to the block, and reference counting still
+    frees memory as usual.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def introspect(connection: psycopg.Connection[Any]) -> Schema:
     """Read the schema of the database behind ``connection`` into a frozen snapshot.
 
@@ -743,7 +762,7 @@ def introspect(connection: psycopg.Connection[Any]) -> Schema:
         connection.read_only = True
 
     try:
-        with connection.transaction(force_rollback=True):
+        with connection.transaction(force_rollback=True), garbage_collection_paused():
             return _read_catalog(connection)
     except psycopg.errors.LockNotAvailable as error:
         raise LockTimeoutError(
