@@ -54,6 +54,7 @@ class OperatorOptions:
     retry_base_seconds: float = 1.0
     retry_max_seconds: float = 300.0
     prestart_children: bool = True
+    all_namespaces: bool = False
 
 
 @dataclass
@@ -100,6 +101,12 @@ async def start_operator(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=STORAGE_PREFIX, key="last-handled-configuration")
     settings.persistence.finalizer = FINALIZER
+
+    # With fixed namespaces, kopf need not list and watch Namespaces and CRDs, which are
+    # cluster-scoped and which a namespaced Role cannot grant.  The CRD must then exist when
+    # the operator starts.
+    if not _OPTIONS.all_namespaces:
+        settings.scanning.disabled = True
 
     # Log lines are not posted as Events (kopf's default since 1.44, set here on purpose):
     # the operator posts its own, with condition reasons and sync ids (dbsync.k8s.events).

@@ -61,6 +61,7 @@ def run_operator(settings: OperatorSettings, *, stop_flag: asyncio.Event | None 
         retry_base_seconds=settings.retry_base_seconds,
         retry_max_seconds=settings.retry_max_seconds,
         prestart_children=settings.prestart_children,
+        all_namespaces=settings.all_namespaces,
     ))
     kopf.configure(verbose=settings.verbose, log_format=kopf.LogFormat.FULL)
     scope = "all namespaces" if settings.all_namespaces else ", ".join(settings.namespaces)
