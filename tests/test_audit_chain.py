@@ -30,6 +30,8 @@ from dbsync.pipeline.audit import (
 )
 from dbsync.pipeline.audit_chain import (
     CANONICAL_COLUMN_NAMES,
+    GENESIS_HASH,
+    ChainVerifier,
     canonical_line,
     copy_text,
     format_timestamp,
@@ -402,3 +404,18 @@ def test_upgrade_inside_a_transaction_raises(audit_dsn: str) -> None:
         connection.execute("SELECT 1")
         with pytest.raises(AuditUnavailableError, match="inside a transaction"):
             upgrade_own_schema(connection)
+
+
+@pytest.mark.parametrize(("line", "reason"), [
+    (b"f" * 64 + b"\t2\t1\t" + b"0" * 64 + b"\tx\n", "unknown chain format"),
+    (b"f" * 64 + b"\t1\tone\t" + b"0" * 64 + b"\tx\n", "malformed sequence"),
+    (b"short\n", "malformed row"),
+])
+def test_verifier_reports_malformed_rows(line: bytes, reason: str) -> None:
+    """Rows that do not parse are reported as broken, not raised."""
+    verifier = ChainVerifier(expected_sequence=1, expected_prev_hash=GENESIS_HASH)
+    intact = verifier.check_lines([line])
+    result = verifier.result()
+    assert intact is False
+    assert result.first_broken_sequence == 1
+    assert reason in (result.first_broken_reason or "")

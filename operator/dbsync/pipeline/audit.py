@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from enum import Enum, StrEnum
@@ -109,9 +109,8 @@ class EventKind(StrEnum):
     FINISH = "FINISH"
 
 
-# Status written in START events; the view shows IN_PROGRESS until a FINISH event exists.
+# Status written in START events. The view shows IN_PROGRESS until a FINISH event exists.
 STARTED_STATUS = "STARTED"
-IN_PROGRESS_STATUS = "IN_PROGRESS"
 FAILURE_STATUSES = frozenset({
     OperationStatus.FAILED, OperationStatus.ROLLED_BACK, OperationStatus.TIMEOUT,
     OperationStatus.ABANDONED})
@@ -227,13 +226,11 @@ class Operation:
     started_monotonic: float
 
 
-@dataclass
+@dataclass(frozen=True)
 class _OpenOperation:
     operation: Operation
     migration_name: str | None
     sequence: int
-    started_at: datetime
-    children: list[uuid.UUID] = field(default_factory=list)
 
 
 def _json_default(value: Any) -> Any:
@@ -440,10 +437,7 @@ class AuditTrail:
 
         with self._lock:
             self._open[operation.operation_id] = _OpenOperation(
-                operation=operation, migration_name=migration_name, sequence=sequence,
-                started_at=recorded_at)
-            if parent is not None:
-                self._open[parent.operation_id].children.append(operation.operation_id)
+                operation=operation, migration_name=migration_name, sequence=sequence)
         self._log_event(event_id=event_id, kind=EventKind.START, operation=operation,
                         status=STARTED_STATUS, recorded_at=recorded_at, sequence=sequence,
                         duration_ms=None, migration_name=migration_name)

@@ -33,6 +33,10 @@ from dbsync.pipeline.errors import AuditUnavailableError
 
 CHAIN_FORMAT = 1
 GENESIS_HASH = "0" * 64
+# Bytes of a COPY row that hold row_hash, chain_format, sequence and prev_hash: 64 + 1 + 2 +
+# at most 19 digits + 1 + 64.
+_HEAD_BYTES = 160
+_NEWLINE = ord("\n")
 
 # Advisory lock (class, key) pairs. The chain pair is also written, as literals, into the
 # trigger of revision 0001_audit_log. The class is the ASCII of "dbsa".
@@ -197,7 +201,8 @@ class ChainVerifier:
         A line may end with its newline, as COPY sends it.
         """
         # Hot loop: fixed offsets instead of splitting, because row_hash is always 64 hex
-        # digits (a CHECK constraint) followed by a tab and the one-digit chain format.
+        # digits (a CHECK constraint) followed by a tab and the one-digit chain format. Only
+        # the head of a row is copied: the hash reads the rest through a memoryview.
         sha256 = hashlib.sha256
         format_prefix = f"\t{CHAIN_FORMAT}\t".encode()
         head_sequence = self.head_sequence
@@ -205,30 +210,33 @@ class ChainVerifier:
         checked = self.rows_checked
         try:
             for chunk in lines:
-                line = bytes(chunk)
-                end = len(line) - 1 if line.endswith(b"\n") else len(line)
+                view = memoryview(chunk)
+                end = len(view)
+                if end and view[end - 1] == _NEWLINE:
+                    end -= 1
+                head = bytes(view[:_HEAD_BYTES])
                 expected_sequence = head_sequence + 1
 
-                sequence_end = line.find(b"\t", 67)
-                if line[64:67] != format_prefix or sequence_end < 0:
+                sequence_end = head.find(b"\t", 67)
+                if head[64:67] != format_prefix or sequence_end < 0:
                     return self._broken(expected_sequence, "malformed row or unknown chain "
-                                        f"format: {line[:80]!r}")
+                                        f"format: {head[:80]!r}")
                 try:
-                    sequence = int(line[67:sequence_end])
+                    sequence = int(head[67:sequence_end])
                 except ValueError:
                     return self._broken(expected_sequence,
-                                        f"malformed sequence {line[67:sequence_end]!r}")
+                                        f"malformed sequence {head[67:sequence_end]!r}")
 
                 if sequence != expected_sequence:
                     return self._broken(
                         sequence, f"sequence {expected_sequence} is missing before it "
                         "(a row was deleted)")
-                if line[sequence_end + 1:sequence_end + 65] != head_hash:
+                if head[sequence_end + 1:sequence_end + 65] != head_hash:
                     return self._broken(
                         sequence, f"prev_hash does not match the row_hash of sequence "
                         f"{head_sequence} (that row or this one was replaced)")
-                stored_hash = line[:64]
-                if sha256(memoryview(line)[65:end]).hexdigest().encode("ascii") != stored_hash:
+                stored_hash = head[:64]
+                if sha256(view[65:end]).hexdigest().encode("ascii") != stored_hash:
                     return self._broken(
                         sequence, "row_hash does not match the row's contents "
                         "(the row was altered after it was written)")
