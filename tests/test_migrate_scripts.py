@@ -139,13 +139,14 @@ def test_enum_value_used_in_same_revision_detected(tmp_path: Path) -> None:
 
 
 def test_enum_created_in_same_transaction_allowed(tmp_path: Path) -> None:
-    """PostgreSQL accepts a new label when the type was created in the same transaction."""
+    """PostgreSQL 18 accepts a new label when the type was created in the same transaction."""
     write_revision(tmp_path, "r001", None, ["CREATE TYPE public.mood AS ENUM ('sad')"])
     write_revision(tmp_path, "r002", "r001", ["ALTER TYPE mood ADD VALUE 'happy'"])
     write_revision(tmp_path, "r003", "r002", ["INSERT INTO t (m) VALUES ('happy')"])
     scripts = load_scripts(tmp_path)
     shared = [scripts.revisions[revision] for revision in ("r001", "r002", "r003")]
-    assert find_enum_uses(shared) == {}
+    assert find_enum_uses(shared, new_type_exempt=True) == {}
+    assert list(find_enum_uses(shared, new_type_exempt=False)) == ["r003"]
 
 
 def test_enum_value_not_used_is_no_hazard(tmp_path: Path) -> None:

@@ -235,7 +235,8 @@ def _migrate(scripts: ScriptSet, target: str, *, target_dsn: str, options: Migra
         scripts=scripts, options=options, audit=audit, parent=parent, sync_id=sync_id,
         engine=engine, driver=AlembicDriver(scripts, offline_url=public_url(target_dsn)),
         before=before, target=target, steps=[], downgrade=False,
-        invalid_before=invalid_before, main_connection=connection)
+        invalid_before=invalid_before, main_connection=connection,
+        server_major=int((connection.dialect.server_version_info or (0,))[0]))
     try:
         return _run(context, target_dsn=target_dsn, address=address, has_table=has_table,
                     recorded=recorded)

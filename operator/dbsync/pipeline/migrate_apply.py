@@ -65,6 +65,10 @@ QUERY_CANCELED = "57014"
 UNSAFE_NEW_ENUM_VALUE_USAGE = "55P04"
 ACTIVE_SQL_TRANSACTION = "25001"
 
+# First PostgreSQL major version seen to accept a label added in the same transaction as
+# its enum type's CREATE TYPE.
+NEW_ENUM_TYPE_EXEMPT_SINCE = 18
+
 
 @dataclass
 class RunContext:
@@ -87,6 +91,8 @@ class RunContext:
     # Per revision id: lock_timeout retries it caused and other notes for its outcome.
     notes: dict[str, list[str]] = field(default_factory=dict)
     main_connection: Connection | None = None
+    # Major version of the target's server, which decides some enum rules.
+    server_major: int = 0
 
     def connection(self) -> Connection:
         """Return the run's connection (timeouts set), reconnecting after a lost one.
@@ -138,11 +144,14 @@ class RunContext:
         """Return enum-label hazards, for one shared transaction or one per revision."""
         if self.downgrade:
             return {}
+        # NOTE: verified on PostgreSQL 15 (rejects) and 18 (accepts); 16 and 17 are treated
+        # as rejecting, which can only over-report.
+        exempt = self.server_major >= NEW_ENUM_TYPE_EXEMPT_SINCE
         if shared_transaction:
-            return find_enum_uses(self.steps)
+            return find_enum_uses(self.steps, new_type_exempt=exempt)
         found: dict[str, list[str]] = {}
         for revision_file in self.steps:
-            found.update(find_enum_uses([revision_file]))
+            found.update(find_enum_uses([revision_file], new_type_exempt=exempt))
         return found
 
     def note(self, revision: str, message: str) -> None:
@@ -514,9 +523,10 @@ def plan(ctx: RunContext) -> MigrateResult:
         enum_additions=tuple(enum_additions(sql)), literals=(sql,)))
         for revision_file, (sql, _ms) in zip(ctx.steps, rendered, strict=True)]
     if not ctx.downgrade:
-        sql_uses = (find_enum_uses(from_sql) if shared else
+        exempt = ctx.server_major >= NEW_ENUM_TYPE_EXEMPT_SINCE
+        sql_uses = (find_enum_uses(from_sql, new_type_exempt=exempt) if shared else
                     {key: value for item in from_sql
-                     for key, value in find_enum_uses([item]).items()})
+                     for key, value in find_enum_uses([item], new_type_exempt=exempt).items()})
         for revision, messages in sql_uses.items():
             known = enum_uses.setdefault(revision, [])
             known.extend(message for message in messages if message not in known)

@@ -411,19 +411,21 @@ def _created_enum_types(literals: tuple[str, ...]) -> set[str]:
             for text in literals for match in _CREATE_ENUM.finditer(text)}
 
 
-def find_enum_uses(revisions: list[RevisionFile]) -> dict[str, list[str]]:
+def find_enum_uses(revisions: list[RevisionFile], *,
+                   new_type_exempt: bool = False) -> dict[str, list[str]]:
     """Map each revision id to messages about enum labels it uses before they can be committed.
 
     A label added by ``ALTER TYPE ... ADD VALUE`` cannot be used until the adding transaction
     commits (PostgreSQL 12 and later raise SQLSTATE 55P04 otherwise), so ``revisions`` is the
-    list that would share one transaction, oldest first.
+    list that would share one transaction, oldest first. With ``new_type_exempt``, labels
+    of a type created earlier in the same transaction count as usable, as PostgreSQL 18
+    allows (PostgreSQL 15 rejects them).
     """
     found: dict[str, list[str]] = {}
     created: set[str] = set()
     for index, adding in enumerate(revisions):
-        # Why: PostgreSQL allows the new label when the type itself was created in the
-        # same transaction, which is the case for every type created up to here.
-        created.update(_created_enum_types(adding.upgrade.literals))
+        if new_type_exempt:
+            created.update(_created_enum_types(adding.upgrade.literals))
         for addition in adding.upgrade.enum_additions:
             if _normalize_type_name(addition.type_name) in created:
                 continue
