@@ -390,7 +390,7 @@ CASES: tuple[DiffCase, ...] = (
 
 @dataclass(frozen=True)
 class SnapshotFactory:
-    """Builds a snapshot of base plus extra SQL on one database, then rolls it back."""
+    """Snapshot maker for one database: runs base plus extra SQL, reads, then rolls back."""
 
     connection: psycopg.Connection[Any]
 
