@@ -84,14 +84,22 @@ def median_seconds(action: Callable[[], None], repeat: int) -> float:
 
 
 def measure(dsn: str, repeat: int, label: str) -> dict[str, float]:
-    """Time the baseline, the balance pair and the default set; print and return seconds."""
+    """Time the baseline, the balance pair and the default set; print and return seconds.
+
+    The baseline runs before, between and after the dbsync runs, and its median is the
+    divisor, so that load from other processes on a shared machine skews it less.
+    """
+    baseline_timings: list[float] = []
+
+    def baseline() -> None:
+        with psycopg.connect(dsn, autocommit=True) as connection:
+            for _ in range(repeat):
+                started = time.perf_counter()
+                connection.execute(BASELINE).fetchall()
+                baseline_timings.append(time.perf_counter() - started)
+
     with psycopg.connect(dsn, autocommit=True) as connection:
         connection.execute(BASELINE)  # warm the cache once before timing anything
-
-        def baseline() -> None:
-            connection.execute(BASELINE).fetchall()
-
-        baseline_seconds = median_seconds(baseline, repeat)
 
     def run_checks(checks: list[str] | None) -> Callable[[], None]:
         config = ledger_config(checks)
@@ -107,11 +115,16 @@ def measure(dsn: str, repeat: int, label: str) -> dict[str, float]:
         return action
 
     per_check: dict[str, float] = {}
+    baseline()
     pair_seconds = median_seconds(run_checks(["transaction_balance", "trial_balance"]), repeat)
+    baseline()
     full_seconds = median_seconds(run_checks(None), repeat)
+    baseline()
+    baseline_seconds = statistics.median(baseline_timings)
 
     print(f"\n{label}")
-    print(f"  baseline count+sum scan          {baseline_seconds:8.2f} s")
+    print(f"  baseline count+sum scan          {baseline_seconds:8.2f} s  (runs: "
+          f"{', '.join(f'{seconds:.2f}' for seconds in baseline_timings)})")
     print(f"  transaction_balance+trial        {pair_seconds:8.2f} s  "
           f"ratio {pair_seconds / baseline_seconds:5.2f}  (goal <= 1.5)")
     print(f"  full default set                 {full_seconds:8.2f} s  "

@@ -243,7 +243,7 @@ def test_hostile_column_name_executes_nothing(ledger_dsn: str) -> None:
 
 
 def test_column_name_with_quote_and_semicolon_is_quoted(ledger_dsn: str) -> None:
-    """A real column whose name holds a quote and a semicolon is read through quoting."""
+    """A real column whose name contains a quote and a semicolon is read through quoting."""
     books = make_books(ledger_dsn, "side")
     schema = sql.Identifier(books.schema)
     books.execute(sql.SQL("CREATE TABLE {}.sentinel (id integer)").format(schema))
@@ -379,14 +379,19 @@ def test_default_normal_side_without_column(ledger_dsn: str) -> None:
     assert result.checks[0].offending_keys == ("2", "4")
 
 
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "single-currency"])
 @pytest.mark.parametrize("style", STYLES)
-def test_shared_grouping_pass_matches_single_checks(ledger_dsn: str, style: str) -> None:
+def test_shared_grouping_pass_matches_single_checks(ledger_dsn: str, style: str,
+                                                    mixed: bool) -> None:
     """Per-transaction checks run together report what each reports alone."""
     books = make_books(ledger_dsn, style)
     break_transaction_balance(books)
     break_minimum_legs(books)
     break_field_sanity(books)
-    break_mixed_currency(books)
+    if mixed:
+        break_mixed_currency(books)
+        # A leg without a currency next to legs with one also needs per-currency groups.
+        books.add_transaction(14, [(1, "USD", "3.00"), (2, None, "-3.00")])
     grouped = [CheckName.TRANSACTION_BALANCE, CheckName.MINIMUM_LEGS, CheckName.MIXED_CURRENCY]
     together = run_ledger_checks(target_dsn=books.dsn, config=books.config(
         checks=[name.value for name in grouped])).checks

@@ -32,7 +32,7 @@ def books(ledger_dsn: str) -> LedgerBooks:
 
 def test_balanced_ledger_exits_zero(books: LedgerBooks, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
-    """Balanced books exit 0 and the text output says so."""
+    """Balanced books exit 0 and the text output reports them balanced."""
     config = write_config(tmp_path, books.config_data())
     code = main(["ledger", "--target", books.dsn, "--config", str(config)])
     output = capsys.readouterr().out

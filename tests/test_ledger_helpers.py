@@ -31,7 +31,7 @@ BASE_TRANSACTIONS: tuple[tuple[int, list[tuple[int, str, str]]], ...] = (
     (2, [(3, "EUR", "50.25"), (4, "EUR", "-50.25")]),
 )
 
-Leg = tuple[int, str, str | None]
+Leg = tuple[int, str | None, str | None]
 
 
 @dataclass

@@ -274,8 +274,8 @@ def _run_all(*, target_dsn: str, config: LedgerConfig, source_dsn: str | None,
                            "as an exact decimal", warning)
 
         # Two or more per-transaction checks share one grouping pass, which runs inside
-        # the first of them and is timed with it.  Should it time out, the next one tries
-        # again, and a check whose pass succeeded no longer depends on it.
+        # the first of them and is timed with it.  If the pass times out there, the next
+        # grouped check runs it again.
         shared = len(_GROUPED_CHECKS.intersection(selected)) >= 2
         summaries: list[TransactionSummary] = []
 

@@ -90,36 +90,48 @@ class TransactionSummary:
 
 
 def _balance_groups(schema: LedgerSchema) -> sql.Composed:
-    """Per (transaction, currency) group: net, legs, known legs, debit legs, credit legs."""
+    """Per (transaction, currency) group: its net, legs and legs with known amount and side."""
     return sql.SQL(
         "SELECT {txn} AS txn, {currency} AS currency, {net_sum} AS net, count(*) AS legs, "
-        "count(*) FILTER (WHERE {known}) AS known_legs, "
-        "count(*) FILTER (WHERE {debit}) AS debit_legs, "
-        "count(*) FILTER (WHERE {credit}) AS credit_legs "
+        "count(*) FILTER (WHERE {known}) AS known_legs "
         "FROM {postings} GROUP BY {txn}, {currency_group}"
     ).format(txn=schema.transaction_ref, currency=schema.currency_ref,
-             net_sum=schema.net_sum(), known=schema.leg_is_known(), debit=schema.is_debit(),
-             credit=schema.is_credit(), currency_group=schema.currency_group,
-             postings=schema.postings_table)
+             net_sum=schema.net_sum(), known=schema.leg_is_known(),
+             currency_group=schema.currency_group, postings=schema.postings_table)
 
 
 def summarize_transactions(schema: LedgerSchema, connection: Connection) -> TransactionSummary:
     """Count the violations of the three per-transaction checks in one grouping pass.
 
-    The inner grouping is by transaction and currency and the outer one by transaction.
-    With the covering index both stream in index order, so the second costs little.
+    The pass groups by transaction alone.  A transaction whose legs all carry one currency
+    is one (transaction, currency) group, so its net decides transaction_balance.  Only
+    when some transaction has legs in several currencies, or legs without a currency next
+    to legs with one, is the per-currency grouping run as well to count its groups.
     """
-    legs, unbalanced, unknown, one_sided, mixed = _fetch_one(connection, sql.SQL(
-        "SELECT coalesce(sum(t.legs), 0), coalesce(sum(t.unbalanced_groups), 0), "
-        "coalesce(sum(t.unknown_legs), 0), "
+    legs, unbalanced, unknown, one_sided, mixed, split = _fetch_one(connection, sql.SQL(
+        "SELECT coalesce(sum(t.legs), 0), "
+        "count(*) FILTER (WHERE t.net <> 0 OR t.known_legs < t.legs), "
+        "coalesce(sum(t.legs - t.known_legs), 0), "
         "count(*) FILTER (WHERE t.debit_legs = 0 OR t.credit_legs = 0), "
-        "count(*) FILTER (WHERE t.currencies > 1) "
-        "FROM (SELECT g.txn, sum(g.legs) AS legs, "
-        "count(*) FILTER (WHERE g.net <> 0 OR g.known_legs < g.legs) AS unbalanced_groups, "
-        "sum(g.legs - g.known_legs) AS unknown_legs, sum(g.debit_legs) AS debit_legs, "
-        "sum(g.credit_legs) AS credit_legs, count(g.currency) AS currencies "
-        "FROM ({groups}) AS g GROUP BY g.txn) AS t"
-    ).format(groups=_balance_groups(schema)))
+        "count(*) FILTER (WHERE t.first_currency <> t.last_currency), "
+        "count(*) FILTER (WHERE t.first_currency <> t.last_currency "
+        "OR (t.with_currency > 0 AND t.with_currency < t.legs)) "
+        "FROM (SELECT {txn} AS txn, {net_sum} AS net, count(*) AS legs, "
+        "count(*) FILTER (WHERE {known}) AS known_legs, "
+        "count(*) FILTER (WHERE {debit}) AS debit_legs, "
+        "count(*) FILTER (WHERE {credit}) AS credit_legs, "
+        "min({currency}) AS first_currency, max({currency}) AS last_currency, "
+        "count({currency}) AS with_currency "
+        "FROM {postings} GROUP BY {txn}) AS t"
+    ).format(txn=schema.transaction_ref, net_sum=schema.net_sum(), known=schema.leg_is_known(),
+             debit=schema.is_debit(), credit=schema.is_credit(), currency=schema.currency_group,
+             postings=schema.postings_table))
+
+    if _as_int(split):
+        # Per-transaction nets cannot tell which currency is off, so count the groups.
+        unbalanced = _fetch_one(connection, sql.SQL(
+            "SELECT count(*) FILTER (WHERE g.net <> 0 OR g.known_legs < g.legs) "
+            "FROM ({groups}) AS g").format(groups=_balance_groups(schema)))[0]
     return TransactionSummary(legs=_as_int(legs), unbalanced_groups=_as_int(unbalanced),
                               unknown_legs=_as_int(unknown),
                               one_sided_transactions=_as_int(one_sided),

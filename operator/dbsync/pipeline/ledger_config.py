@@ -39,11 +39,11 @@ class CheckName(StrEnum):
 
 
 class AmountStyle(StrEnum):
-    """How a posting row says whether it is a debit or a credit."""
+    """Encoding of the debit or credit side on a posting row."""
 
     # One positive amount column plus a column holding a debit or credit marker.
     SIDE = "side"
-    # One amount column whose sign is the side (debits positive unless debitSign says otherwise).
+    # One amount column whose sign is the side (debits positive unless debitSign is negative).
     SIGNED = "signed"
     # Two amount columns on each row, one for the debit and one for the credit (ERP style).
     DEBIT_CREDIT_COLUMNS = "debit_credit_columns"
@@ -64,7 +64,7 @@ class NormalSide(StrEnum):
 
 
 class DateSource(StrEnum):
-    """Table that holds the date or timestamp column used for fingerprint buckets."""
+    """Table that contains the date or timestamp column used for fingerprint buckets."""
 
     POSTINGS = "postings"
     TRANSACTIONS = "transactions"

@@ -1,8 +1,8 @@
 """Catalog lookup and SQL expressions for the ledger checks.
 
 Every table and column name in a ledger configuration is looked up in the catalog before
-any check runs, so a misspelt or hostile name stops the run with an error that names it,
-and it reaches SQL text only as a quoted ``psycopg.sql.Identifier``.  Marker values and
+any check runs, so a misspelt or hostile name stops the run with an error that names it.
+Names reach SQL text only as a quoted ``psycopg.sql.Identifier``.  Marker values and
 currency codes reach SQL only as ``psycopg.sql.Literal``.
 """
 
@@ -168,9 +168,9 @@ def _column_ref(alias: str, column: Column) -> sql.Composed:
 def exact_value(alias: str, column: Column) -> sql.Composable:
     """Return ``alias.column`` as an exact number.
 
-    A float keeps the digits its text form shows: ``real`` and ``double precision`` print the
-    shortest text that reads back as the same value (PostgreSQL 12 and later), so the cast
-    through text gives the decimal value the application most likely stored.
+    A float keeps the digits its text form shows.  ``real`` and ``double precision`` print
+    the shortest text that reads back as the same value (PostgreSQL 12 and later), so the
+    cast through text gives the decimal value the application most likely stored.
     """
     reference = _column_ref(alias, column)
     if column.is_float:
@@ -287,7 +287,7 @@ class LedgerSchema:
         return sql.SQL("{} > 0").format(exact_value("p", self.credit_amount))
 
     def debit_value(self) -> sql.Composable:
-        """The row's debit amount (positive), or NULL when the row is no debit."""
+        """Return the row's debit amount (positive), or NULL when the row is no debit."""
         style = self.config.postings.style
         if style is AmountStyle.DEBIT_CREDIT_COLUMNS:
             assert self.debit_amount is not None
@@ -297,7 +297,7 @@ class LedgerSchema:
         return sql.SQL("CASE WHEN {} THEN abs({}) END").format(self.is_debit(), self._amount())
 
     def credit_value(self) -> sql.Composable:
-        """The row's credit amount (positive), or NULL when the row is no credit."""
+        """Return the row's credit amount (positive), or NULL when the row is no credit."""
         style = self.config.postings.style
         if style is AmountStyle.DEBIT_CREDIT_COLUMNS:
             assert self.credit_amount is not None
@@ -382,7 +382,7 @@ class LedgerSchema:
         return normalized
 
     def bucket_day(self) -> sql.Composable:
-        """The fingerprint bucket's day as text, or a constant when no date is configured."""
+        """Return the bucket day as text, or a constant when no date is configured."""
         column = self.booked_at
         alias = "p"
         if self.config.fingerprint.date_source is DateSource.TRANSACTIONS:
