@@ -586,6 +586,8 @@ def rehearse(ctx: RunContext) -> MigrateResult:
                   "; ".join(static_warnings(ctx, first, uses)) + ")")
         outcomes.extend(_skip_remaining(ctx, remaining, reason))
 
+    logger.info("rehearsed %d revision(s) and rolled back; %d not rehearsable",
+                len(ran), len(remaining))
     after = read_revision(ctx)
     fingerprint_after = _fingerprint(ctx)
     if fingerprint_after != fingerprint_before:
@@ -618,6 +620,8 @@ def apply_all(ctx: RunContext) -> MigrateResult:
                          metadata={"duration_ms": item.duration_ms})
         outcomes.append(outcome(ctx, item.revision_file, done, duration_ms=item.duration_ms,
                                 operation=item.operation))
+    logger.info("committed %d revision(s) in one transaction (%d ms of revision time)",
+                len(ran), sum(item.duration_ms for item in ran))
     return _result(ctx, outcomes, revision_after=read_revision(ctx),
                    invalid=_all_invalid(ctx))
 
