@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -48,7 +49,25 @@ class LedgerBooks:
         return {"side": "postings", "signed": "entries",
                 "debit_credit_columns": "move_lines"}[self.style]
 
+    _connection: psycopg.Connection[Any] | None = field(default=None, repr=False)
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Run every execute() inside the block on one connection, saving logins."""
+        if self._connection is not None:
+            yield
+            return
+        with psycopg.connect(self.dsn, autocommit=True) as connection:
+            self._connection = connection
+            try:
+                yield
+            finally:
+                self._connection = None
+
     def execute(self, statement: str | sql.Composed, params: Sequence[Any] = ()) -> None:
+        if self._connection is not None:
+            self._connection.execute(statement, params)
+            return
         with psycopg.connect(self.dsn, autocommit=True) as connection:
             connection.execute(statement, params)
 
@@ -90,8 +109,9 @@ class LedgerBooks:
                 connection.execute(
                     sql.SQL("INSERT INTO {}.accounts VALUES (%s, %s, %s)").format(schema),
                     (account_id, balance, normal_side))
-        for transaction_id, legs in BASE_TRANSACTIONS:
-            self.add_transaction(transaction_id, legs, update_balances=False)
+        with self.batch():
+            for transaction_id, legs in BASE_TRANSACTIONS:
+                self.add_transaction(transaction_id, legs, update_balances=False)
 
     def insert_leg(self, transaction_id: int | None, account_id: int | None,
                    currency: str | None, amount: str | None) -> None:
@@ -121,16 +141,17 @@ class LedgerBooks:
                         update_balances: bool = True) -> None:
         """Post ``legs`` as one transaction and keep the stored balances in step."""
         schema = sql.Identifier(self.schema)
-        if header:
-            self.execute(sql.SQL("INSERT INTO {}.transactions (id) VALUES (%s)").format(schema),
-                         (transaction_id,))
-        for account_id, currency, amount in legs:
-            self.insert_leg(transaction_id, account_id, currency, amount)
-            if update_balances and amount is not None:
-                self.execute(sql.SQL(
-                    "UPDATE {}.accounts SET balance = balance + CASE WHEN normal_side = 'D' "
-                    "THEN %s::numeric ELSE -%s::numeric END WHERE id = %s").format(schema),
-                    (amount, amount, account_id))
+        with self.batch():
+            if header:
+                self.execute(sql.SQL("INSERT INTO {}.transactions (id) VALUES (%s)").format(
+                    schema), (transaction_id,))
+            for account_id, currency, amount in legs:
+                self.insert_leg(transaction_id, account_id, currency, amount)
+                if update_balances and amount is not None:
+                    self.execute(sql.SQL(
+                        "UPDATE {}.accounts SET balance = balance + CASE WHEN normal_side = "
+                        "'D' THEN %s::numeric ELSE -%s::numeric END WHERE id = %s").format(
+                            schema), (amount, amount, account_id))
 
     def config_data(self, **top_level: Any) -> dict[str, Any]:
         """Return the YAML-shaped configuration for this ledger, in camelCase."""
