@@ -118,11 +118,12 @@ class LedgerBooks:
         """Insert one posting row in this style; a None amount stores NULL amounts."""
         schema = sql.Identifier(self.schema)
         if self.style == "side":
-            side = None if amount is None else ("C" if amount.startswith("-") else "D")
+            # A NULL amount still gets a valid side, so only the amount rule fires.
+            side = "C" if amount is not None and amount.startswith("-") else "D"
             magnitude = None if amount is None else amount.lstrip("-")
             self.execute(sql.SQL("INSERT INTO {}.postings (transaction_id, amount, side, "
                                  "currency, account_id) VALUES (%s, %s, %s, %s, %s)").format(
-                schema), (transaction_id, magnitude, side or "D", currency, account_id))
+                schema), (transaction_id, magnitude, side, currency, account_id))
         elif self.style == "signed":
             self.execute(sql.SQL("INSERT INTO {}.entries (txn_id, amount, currency, "
                                  "account_id) VALUES (%s, %s, %s, %s)").format(schema),
