@@ -42,6 +42,9 @@ REVISION_PATTERN = r"^[A-Za-z0-9_]{1,128}$"
 
 HOST_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9.:\[\]]*[A-Za-z0-9\]])?$"
 
+# A container image reference: registry/name, then an optional :tag and @digest.
+IMAGE_PATTERN = r"^[a-z0-9]([-a-z0-9._/:]*[a-z0-9])?(:[\w][\w.-]{0,127})?(@sha256:[0-9a-f]{64})?$"
+
 
 class _Model(BaseModel):
     """Base of every resource model: camelCase aliases, unknown fields rejected."""
@@ -157,19 +160,33 @@ class ConfigMapSource(_Model):
 
 
 class MigrationsSource(_Model):
-    """Where the Alembic revision files come from: ConfigMaps or a directory."""
+    """Where the Alembic revision files come from: ConfigMaps, a directory, or an image."""
 
     config_maps: list[ConfigMapSource] | None = Field(
         default=None, min_length=1, max_length=32,
         description="ConfigMaps whose revision files are written to a private directory.")
     path: str | None = Field(
         default=None, min_length=1, max_length=4096, pattern=r"^/",
-        description="Absolute path of a revision directory in the operator's image or volumes.")
+        description="Absolute path of a revision directory in the operator's image or volumes, "
+        "or in migrations.image when that is set.")
+    image: str | None = Field(
+        default=None, min_length=1, max_length=512, pattern=IMAGE_PATTERN,
+        description="An application image holding the revision directory at path; needs "
+        "executor job.")
+    run_in_image: bool = Field(
+        default=False,
+        description="Run the sync in image, which must have dbsync installed, instead of "
+        "copying path out of it into dbsync's own image.")
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> MigrationsSource:
         if (self.config_maps is None) == (self.path is None):
             raise ValueError("set exactly one of migrations.configMaps and migrations.path")
+        if self.image is not None and self.path is None:
+            raise ValueError("migrations.image needs migrations.path, the revision directory "
+                             "inside the image")
+        if self.run_in_image and self.image is None:
+            raise ValueError("migrations.runInImage needs migrations.image")
         return self
 
 
@@ -213,6 +230,13 @@ class AuditSpec(_Model):
         return self
 
 
+class ExecutorKind(StrEnum):
+    """Where a sync runs."""
+
+    PROCESS = "process"
+    JOB = "job"
+
+
 class DatabaseSyncSpec(_Model):
     """What to sync, how, and how often to check it again."""
 
@@ -244,7 +268,8 @@ class DatabaseSyncSpec(_Model):
         description="Consecutive failed syncs before the resource is Stalled.")
     sync_timeout_seconds: int = Field(
         default=1800, ge=10, le=86_400,
-        description="Kill a sync's child process after this many seconds.")
+        description="Stop a sync's child process, or end its Job (activeDeadlineSeconds), "
+        "after this many seconds.")
     lock_wait_seconds: int = Field(
         default=60, ge=0, le=86_400,
         description="How long to wait for the target's sync lock.")
@@ -255,6 +280,10 @@ class DatabaseSyncSpec(_Model):
         description="PostgreSQL statement_timeout for migrations.")
     connect_timeout_seconds: int = Field(
         default=10, ge=1, le=600, description="Connection timeout for every database.")
+    executor: ExecutorKind | None = Field(
+        default=None,
+        description="process: a child process of the operator; job: a Kubernetes Job per "
+        "sync. The operator's --executor when unset.")
 
 
 class ConditionStatus(StrEnum):
@@ -329,6 +358,15 @@ class LedgerStatus(_Model):
                                      description="Names of the checks that did not pass.")
 
 
+class ActiveJobStatus(_Model):
+    """The sync Job running now, recorded before it is created so a restart finds it."""
+
+    name: str = Field(description="Name of the Job.")
+    sync_id: str = Field(description="The sync id the Job runs.")
+    started_at: datetime = Field(description="When the operator started the sync.")
+    trigger: str | None = Field(default=None, description="What started the sync.")
+
+
 class DatabaseSyncStatus(_Model):
     """What the operator observed; written only by the operator."""
 
@@ -343,6 +381,8 @@ class DatabaseSyncStatus(_Model):
     last_handled_run_at: str | None = Field(
         default=None, description="The dbsync.io/run-at annotation value last acted on.")
     failures: int = Field(default=0, ge=0, description="Consecutive failed syncs.")
+    active_job: ActiveJobStatus | None = Field(
+        default=None, description="The sync Job running now, in job mode.")
 
 
 def parse_spec(spec: dict[str, Any]) -> DatabaseSyncSpec:
