@@ -13,6 +13,7 @@ from dbsync.pipeline.ledger import CheckStatus, LedgerConfig, run_ledger_checks
 from dbsync.pipeline.ledger_config import parse_ledger_config
 from dbsync.testing.servers import TestServer
 from tests.conftest import DatabasePair
+from tests.test_ledger_helpers import STYLES, make_books, new_schema_name
 
 POSTINGS = 100_000
 
@@ -103,3 +104,20 @@ def test_wider_numeric_type_on_target_still_matches(identical_ledgers: DatabaseP
     result = run_ledger_checks(target_dsn=identical_ledgers.target, config=fingerprint_config(),
                                source_dsn=identical_ledgers.source)
     assert result.checks[0].status is CheckStatus.PASS, result.checks[0].message
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_fingerprint_in_each_style(db_pair: DatabasePair, style: str) -> None:
+    """Equal books match in each ledger style, and one changed leg fails its bucket."""
+    schema = new_schema_name()
+    source = make_books(db_pair.source, style, schema=schema)
+    target = make_books(db_pair.target, style, schema=schema)
+    config = target.config(checks=["fingerprint"])
+
+    passing = run_ledger_checks(target_dsn=target.dsn, config=config, source_dsn=source.dsn)
+    assert passing.checks[0].status is CheckStatus.PASS, passing.checks[0].message
+
+    target.add_transaction(3, [(1, "EUR", "1.00"), (2, "EUR", "-1.00")])
+    failing = run_ledger_checks(target_dsn=target.dsn, config=config, source_dsn=source.dsn)
+    assert failing.checks[0].status is CheckStatus.FAIL
+    assert failing.checks[0].offending_keys == ("2026-01-05/EUR",)

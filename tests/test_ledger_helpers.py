@@ -195,8 +195,10 @@ def new_schema_name() -> str:
     return f"books_{uuid.uuid4().hex[:10]}"
 
 
-def make_books(dsn: str, style: str, *, amount_type: str = "numeric(18,2)") -> LedgerBooks:
+def make_books(dsn: str, style: str, *, amount_type: str = "numeric(18,2)",
+               schema: str | None = None) -> LedgerBooks:
     """Create balanced books of ``style`` in a fresh schema of ``dsn``."""
-    books = LedgerBooks(dsn=dsn, schema=new_schema_name(), style=style, amount_type=amount_type)
+    books = LedgerBooks(dsn=dsn, schema=schema or new_schema_name(), style=style,
+                        amount_type=amount_type)
     books.create()
     return books
