@@ -97,3 +97,9 @@ def test_missing_key_names_it(kubeapi: KubeApiServer, tmp_path: Path) -> None:  
 def test_referenced_objects_lists_secrets_and_configmaps() -> None:
     assert referenced_objects(parse_spec(SPEC)) == frozenset({
         (SECRET, "source-db"), (SECRET, "target-db"), (CONFIG_MAP, "revisions")})
+
+
+def test_missing_fields_finds_dropped_status_fields() -> None:
+    sent = {"drift": {"inSync": True, "extra": 1}, "ledger": None, "failures": 0}
+    stored = {"drift": {"inSync": True}, "failures": 0}
+    assert kubeclient.missing_fields(sent, stored) == ["status.drift.extra"]

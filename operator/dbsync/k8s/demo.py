@@ -36,8 +36,9 @@ CRD_PATH = REPOSITORY / "crds" / "databasesync.yaml"
 DEMO_NAMESPACE = "default"
 DEMO_RESOURCE = "payments-staging"
 
-# kopf logs this when the API server dropped fields of a patch (an undeclared status field).
-INCONSISTENT_PATCH_WARNING = "Patching failed with inconsistencies"
+# kopf logs "Merge-patching finished with inconsistencies" (1.45) when the API server dropped
+# fields of its patch, such as an undeclared status field; the scheduler logs the same phrase.
+INCONSISTENT_PATCH_WARNING = "with inconsistencies"
 
 
 @dataclass

@@ -131,11 +131,37 @@ class KubeClient:
 
     async def patch_database_sync_status(self, namespace: str, name: str,
                                          status: dict[str, Any]) -> dict[str, Any] | None:
-        """Merge ``status`` into a DatabaseSync's status subresource."""
-        return await self.merge_patch(_database_sync_path(namespace, name) + "/status",
-                                      {"status": status})
+        """Merge ``status`` into a DatabaseSync's status subresource.
+
+        Fields the API server dropped (not declared in the CRD) are logged as a warning.
+        """
+        written = await self.merge_patch(_database_sync_path(namespace, name) + "/status",
+                                         {"status": status})
+        if written is not None:
+            dropped = missing_fields(status, written.get("status") or {})
+            if dropped:
+                logger.warning("status patch of %s/%s finished with inconsistencies: the API "
+                               "server dropped %s", namespace, name, ", ".join(dropped))
+        return written
 
 
 def _database_sync_path(namespace: str, name: str) -> str:
     return (f"/apis/{GROUP}/{VERSION}/namespaces/{_quote(namespace)}/{PLURAL}/"
             f"{_quote(name)}")
+
+
+def missing_fields(sent: Any, stored: Any, path: str = "status") -> list[str]:
+    """Return the paths of fields in ``sent`` that ``stored`` lacks (None means a removal)."""
+    if not isinstance(sent, dict):
+        return []
+    if not isinstance(stored, dict):
+        return [path]
+    missing: list[str] = []
+    for key, value in sent.items():
+        if value is None:
+            continue
+        if key not in stored:
+            missing.append(f"{path}.{key}")
+            continue
+        missing.extend(missing_fields(value, stored[key], f"{path}.{key}"))
+    return missing
