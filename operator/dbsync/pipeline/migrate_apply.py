@@ -420,7 +420,8 @@ def run_outside_transaction(ctx: RunContext, revision_file: RevisionFile) -> _Ra
 
 def new_invalid_indexes(ctx: RunContext) -> tuple[str, ...]:
     """Return the target's invalid indexes that were not invalid when the run started."""
-    return tuple(name for name in _all_invalid(ctx) if name not in ctx.invalid_before)
+    return tuple(name for name in reread_invalid_indexes(ctx)
+                 if name not in ctx.invalid_before)
 
 
 def read_revision(ctx: RunContext) -> str | None:
@@ -432,8 +433,8 @@ def read_revision(ctx: RunContext) -> str | None:
         connection.rollback()
 
 
-def _revision_after_failure(ctx: RunContext, expected: str | None) -> str | None:
-    """Re-read the revision after a failure; if the target is unreachable, assume ``expected``.
+def reread_revision(ctx: RunContext, expected: str | None) -> str | None:
+    """Re-read the target's revision; if the target is unreachable, report ``expected``.
 
     ``expected`` is what the server guarantees: a lost connection rolls back the open
     transaction, so the target stays at the last committed revision.
@@ -441,20 +442,20 @@ def _revision_after_failure(ctx: RunContext, expected: str | None) -> str | None
     try:
         return read_revision(ctx)
     except (DbsyncError, SQLAlchemyError, psycopg.Error) as error:
-        message = (f"could not re-read the target's revision after the failure "
-                   f"({error_detail(error)}); reporting {expected or 'base'}, the last "
-                   "committed revision")
+        message = (f"could not re-read the target's revision ({error_detail(error)}); "
+                   f"reporting {expected or 'base'}, the last committed revision")
         logger.warning("%s", message)
         ctx.warnings.append(message)
         return expected
 
 
-def _invalid_after_failure(ctx: RunContext) -> tuple[str, ...]:
+def reread_invalid_indexes(ctx: RunContext) -> tuple[str, ...]:
+    """Return the target's INVALID indexes, or () with a warning if it is unreachable."""
     try:
         return _all_invalid(ctx)
     except (DbsyncError, SQLAlchemyError, psycopg.Error) as error:
-        message = (f"could not check for INVALID indexes after the failure "
-                   f"({error_detail(error)}); check pg_index.indisvalid on the target")
+        message = (f"could not check for INVALID indexes ({error_detail(error)}); check "
+                   "pg_index.indisvalid on the target")
         logger.warning("%s", message)
         ctx.warnings.append(message)
         return ()
@@ -622,8 +623,8 @@ def apply_all(ctx: RunContext) -> MigrateResult:
                                 operation=item.operation))
     logger.info("committed %d revision(s) in one transaction (%d ms of revision time)",
                 len(ran), sum(item.duration_ms for item in ran))
-    return _result(ctx, outcomes, revision_after=read_revision(ctx),
-                   invalid=_all_invalid(ctx))
+    return _result(ctx, outcomes, revision_after=reread_revision(ctx, ctx.target),
+                   invalid=reread_invalid_indexes(ctx))
 
 
 def apply_per_revision(ctx: RunContext) -> MigrateResult:
@@ -651,8 +652,8 @@ def apply_per_revision(ctx: RunContext) -> MigrateResult:
         outcomes.append(outcome(ctx, revision_file, done, duration_ms=item.duration_ms,
                                 warnings=warnings, operation=item.operation))
         logger.info("revision %s committed (%d ms)", revision_file.revision, item.duration_ms)
-    return _result(ctx, outcomes, revision_after=read_revision(ctx),
-                   invalid=_all_invalid(ctx))
+    return _result(ctx, outcomes, revision_after=reread_revision(ctx, ctx.target),
+                   invalid=reread_invalid_indexes(ctx))
 
 
 def _fingerprint(ctx: RunContext) -> str:
@@ -680,7 +681,7 @@ def _per_revision_failure(ctx: RunContext, failure: _TransactionFailed,
     if not ctx.analysis(failed).transactional:
         warnings = ("ran outside a transaction: statements that completed before the error "
                     "stay committed",)
-    invalid = _invalid_after_failure(ctx)
+    invalid = reread_invalid_indexes(ctx)
     created = tuple(name for name in invalid if name not in ctx.invalid_before)
     warnings += tuple(f"index {name} is INVALID after this revision's failure: drop it "
                       "before running the revision again" for name in created)
@@ -690,7 +691,7 @@ def _per_revision_failure(ctx: RunContext, failure: _TransactionFailed,
                                     f"not run because revision {failed.revision} failed"))
     committed = ctx.before if index == 0 else ctx.destination(index - 1)
     committed = None if committed == "base" else committed
-    result = _result(ctx, outcomes, revision_after=_revision_after_failure(ctx, committed),
+    result = _result(ctx, outcomes, revision_after=reread_revision(ctx, committed),
                      invalid=invalid)
     applied = ", ".join(result.applied) or "none"
     summary = (f"{message}. Committed before the failure: {applied}; the target is now at "
@@ -718,7 +719,7 @@ def _failure_error(ctx: RunContext, failure: _TransactionFailed, *,
     outcomes.extend(_skip_remaining(
         ctx, remaining, f"not run because revision {failed.revision if failed else '?'} "
         "failed"))
-    result = _result(ctx, outcomes, revision_after=_revision_after_failure(ctx, ctx.before))
+    result = _result(ctx, outcomes, revision_after=reread_revision(ctx, ctx.before))
     rolled_back = ", ".join(item.revision_file.revision for item in failure.ran) or "none"
     what = "rehearsal" if rehearsal else "transaction"
     summary = (f"{message}. The {what} was rolled back, so the target is unchanged at "
