@@ -1,10 +1,10 @@
-"""The narrow layer between dbsync and Alembic: engines, one-revision runs and offline SQL.
+"""The narrow layer between dbsync and Alembic: engines, observed runs and offline SQL.
 
 A run observes each migration step as it starts, so dbsync can time and audit every
-revision on its own while Alembic runs them all in one environment. Online runs share dbsync's
-connection through ``config.attributes["connection"]``. When dbsync has already begun a
-transaction on it, Alembic's ``begin_transaction()`` joins that transaction instead of
-opening its own, which is how one transaction spans several revisions.
+revision on its own while Alembic runs them all in one environment. Online runs share
+dbsync's connection through ``config.attributes["connection"]``. When dbsync has already
+begun a transaction on it, Alembic's ``begin_transaction()`` joins that transaction instead
+of opening its own, which is how one transaction spans several revisions.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def schema_fingerprint(connection: Connection) -> str:
 
 
 class AlembicDriver:
-    """Runs or renders one revision step at a time with the directory's environment."""
+    """Runner and renderer of revisions with the directory's Alembic environment."""
 
     def __init__(self, scripts: ScriptSet, *, offline_url: URL) -> None:
         self._scripts = scripts
