@@ -721,8 +721,8 @@ def _failure_error(ctx: RunContext, failure: _TransactionFailed, *,
         "failed"))
     result = _result(ctx, outcomes, revision_after=reread_revision(ctx, ctx.before))
     rolled_back = ", ".join(item.revision_file.revision for item in failure.ran) or "none"
-    what = "rehearsal" if rehearsal else "transaction"
-    summary = (f"{message}. The {what} was rolled back, so the target is unchanged at "
+    scope = "rehearsal" if rehearsal else "transaction"
+    summary = (f"{message}. The {scope} was rolled back, so the target is unchanged at "
                f"{result.revision_after or 'base'} (rolled back: {rolled_back})")
     return _error_for(failure.error, summary, result, failed.revision if failed else None)
 
