@@ -278,6 +278,10 @@ def load_ledger_config(path: Path) -> LedgerConfig:
         raise ConfigurationError(
             f"cannot read ledger configuration {path}: {error.strerror or error}; "
             "pass the path of a readable YAML file") from None
+    except UnicodeDecodeError as error:
+        raise ConfigurationError(
+            f"ledger configuration {path} is not UTF-8 text (invalid byte at offset "
+            f"{error.start}): save it as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
