@@ -223,7 +223,11 @@ def run_operator_demo() -> int:
             else:
                 _apply_without_kubectl(api.url, manifest, DEMO_NAMESPACE)
 
-        with OperatorProcess(kubeconfig=kubeconfig, log_path=workdir / "operator.log"):
+        with OperatorProcess(kubeconfig=kubeconfig,
+                             log_path=workdir / "operator.log") as operator:
+            wait_for(lambda: "Initial authentication has finished" in operator.log_text(),
+                     timeout_seconds=60, description="the operator to start")
+            print(f"operator running (log: {operator.log_path})")
             resource = EXAMPLES_K8S / "databasesync.yaml"
             print(f"$ kubectl apply -f {resource.relative_to(REPOSITORY)}")
             if have_kubectl:
@@ -262,6 +266,8 @@ def _watch_until_ready(kubectl: Kubectl | None, server_url: str,
             last_state = state
         stalled = condition_of(resource, "Stalled")
         if ready is not None and ready.get("status") == "True":
+            if kubectl is not None:
+                print(kubectl.run("get", "dbsyncs", "-o", "wide").stdout.rstrip())
             print(f"Ready: {ready.get('message')}")
             return 0
         reconciling = condition_of(resource, "Reconciling")
