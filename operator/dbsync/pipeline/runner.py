@@ -284,7 +284,7 @@ def _run_locked_steps(request: SyncRequest, *, steps: _Steps, state: _RunState,
             lock = lock_stack.enter_context(SyncLock(
                 dsn=request.target_dsn, lock_wait_seconds=request.lock_wait_seconds,
                 connect_timeout_seconds=request.connect_timeout_seconds))
-            handle.message = f"advisory lock held ({type(lock).__name__})"
+            handle.message = f"advisory lock {lock.key} held by backend {lock.backend_pid}"
         if state.error is not None:
             return
 
@@ -296,7 +296,7 @@ def _run_locked_steps(request: SyncRequest, *, steps: _Steps, state: _RunState,
                 return
 
         announce("migrate")
-        _migrate_step(request, steps=steps, state=state, sync_id=sync_id)
+        _migrate_step(request, steps=steps, state=state, sync_id=sync_id, lock=lock)
         announce("diff")
         _diff_step(request, steps=steps, state=state)
         announce("ledger")
@@ -347,7 +347,7 @@ def _diff_options(request: SyncRequest) -> DiffOptions:
 
 
 def _migrate_step(request: SyncRequest, *, steps: _Steps, state: _RunState,
-                  sync_id: uuid.UUID) -> None:
+                  sync_id: uuid.UUID, lock: SyncLock) -> None:
     with steps.step("migrate", OperationType.MIGRATION) as handle:
         if not request.run_migrations or request.migrations_dir is None:
             handle.status = OperationStatus.SKIPPED
@@ -355,6 +355,9 @@ def _migrate_step(request: SyncRequest, *, steps: _Steps, state: _RunState,
             handle.message = ("no migrations directory given" if request.migrations_dir is None
                               else "re-check only: migrations not requested")
             return
+
+        # A lock session killed since the lock step would let another sync migrate too.
+        lock.ensure_held()
 
         options_fields: dict[str, Any] = {
             "migrations_dir": Path(request.migrations_dir),
