@@ -1,0 +1,1 @@
+"""Reliability scenarios: process, operator and database faults, concurrency and figures."""
