@@ -36,7 +36,7 @@ from dbsync.pipeline.lock import SyncLock
 from dbsync.pipeline.request import SyncRequest
 from dbsync.pipeline.runner import run_sync
 from dbsync.testing.kubeapi import KubeApiServer, running_apiserver
-from dbsync.testing.postgres import LocalPostgres
+from dbsync.testing.postgres import LocalPostgres, find_free_port
 from dbsync.testing.servers import TestServer
 from tests.dbtools import alembic_versions, execute
 
@@ -325,6 +325,22 @@ def test_stopped_database_retries_until_it_is_back(cluster: Cluster) -> None:
     assert reconciling["reason"] == "DatabaseUnreachable"
     assert stalled["status"] == "False"
     assert resource["status"]["failures"] == 0
+
+
+def test_backoff_limit_stalls_after_failures(cluster: Cluster) -> None:
+    """Transient failures up to backoffLimit end as Stalled with BackoffLimitExceeded."""
+    closed_port = find_free_port()
+    cluster.apply_secret("closed-target-db", {
+        "uri": f"postgresql://nobody:unused@127.0.0.1:{closed_port}/nothing"})
+    cluster.apply_noop_sync("closed", target_secret="closed-target-db",
+                            changes={"backoffLimit": 2, "connectTimeoutSeconds": 2})
+
+    resource = cluster.wait_condition("closed", "Stalled", "True", "BackoffLimitExceeded")
+    reconciling = condition_of(resource, "Reconciling") or {}
+
+    assert resource["status"]["failures"] == 2
+    assert reconciling["status"] == "False"
+    assert "DatabaseUnreachable" in (condition_of(resource, "Stalled") or {})["message"]
 
 
 def test_spec_edit_starts_a_new_sync(cluster: Cluster) -> None:
