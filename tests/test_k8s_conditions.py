@@ -24,6 +24,7 @@ from dbsync.k8s.status import (
     escalate,
     finished_status,
     judge,
+    starting_status,
 )
 from dbsync.pipeline.report import Criterion, ErrorReport, StepReport, StepResult, SyncReport
 
@@ -212,3 +213,12 @@ def test_retry_delay_doubles_and_caps() -> None:
     delays = [retry_delay_seconds(failures, base_seconds=1.0, max_seconds=10.0)
               for failures in range(1, 7)]
     assert delays == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+
+
+def test_new_generation_resets_failures() -> None:
+    """backoffLimit counts failures of the current spec: a spec change starts from zero."""
+    previous = {"observedGeneration": 1, "failures": 5}
+    same = starting_status(previous, reason="Syncing", message="", generation=1, now=T0)
+    changed = starting_status(previous, reason="Syncing", message="", generation=2, now=T0)
+    assert "failures" not in same
+    assert changed["failures"] == 0

@@ -354,13 +354,20 @@ def problem_status(previous: Mapping[str, Any], *, verdict: Verdict, generation:
 
 def starting_status(previous: Mapping[str, Any], *, reason: str, message: str,
                     generation: int | None, now: datetime) -> dict[str, Any]:
-    """Return the status written before long work: Reconciling=True, Ready=False."""
-    return {
+    """Return the status written before long work: Reconciling=True, Ready=False.
+
+    A new generation starts a new count of failures, so ``backoffLimit`` counts the
+    consecutive failures of the current spec only.
+    """
+    status: dict[str, Any] = {
         "observedGeneration": generation,
         "conditions": apply_updates(previous.get("conditions"),
                                     progressing(reason=reason, message=message),
                                     generation=generation, now=now),
     }
+    if previous.get("observedGeneration") != generation:
+        status["failures"] = 0
+    return status
 
 
 def suspended_status(previous: Mapping[str, Any], *, generation: int | None,
