@@ -25,6 +25,24 @@ _KEYWORD_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<secret>'(?:[^'\\
                                re.IGNORECASE)
 
 
+# libpq connection parameters: probe after 30 s idle, every 10 s, give up after 3 misses;
+# tcp_user_timeout (ms) bounds how long sent data may stay unacknowledged.
+_KEEPALIVE_PARAMETERS = {
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "60000",
+}
+
+# A double-quoted part of a libpq error message.
+_QUOTED_FRAGMENT = re.compile(r'"[^"]*"')
+
+
+def _mask_fragment(match: re.Match[str]) -> str:
+    return match.group(0) if len(match.group(0)) <= 3 else '"***"'
+
+
 @dataclass(frozen=True)
 class DatabaseAddress:
     """Where a database lives, without credentials: safe to log, store and show."""
@@ -47,7 +65,10 @@ def parse(dsn: str, *, role: str) -> dict[str, str]:
     try:
         params = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as error:
-        detail = " ".join(redact_text(str(error)).split())
+        # libpq's parse errors quote the offending part of the string, which may be the
+        # password itself (a space or a bad %-escape in it), so every quoted part longer
+        # than libpq's own one-character punctuation ("=", "]") is masked.
+        detail = _QUOTED_FRAGMENT.sub(_mask_fragment, " ".join(redact_text(str(error)).split()))
         raise ConfigurationError(
             f"the {role} DSN is invalid ({detail}): pass a connection string "
             "such as postgresql://user@host:5432/dbname") from None
@@ -101,9 +122,15 @@ def connect(
     application_name: str = APPLICATION_NAME,
 ) -> psycopg.Connection[tuple[object, ...]]:
     """Open a connection to ``dsn``, turning every failure into a redacted, named error."""
-    parse(dsn, role=role)
+    params = parse(dsn, role=role)
+    # TCP keepalives end a connection whose peer has gone silent (a dead host or a network
+    # partition) after about 60 s, where the OS default waits two hours; libpq ignores them
+    # on Unix sockets. A DSN's own values win.
+    keepalives = {key: value for key, value in _KEEPALIVE_PARAMETERS.items()
+                  if key not in params}
     conninfo = make_conninfo(
-        dsn, connect_timeout=str(connect_timeout_seconds), application_name=application_name)
+        dsn, connect_timeout=str(connect_timeout_seconds), application_name=application_name,
+        **keepalives)
     try:
         return psycopg.connect(conninfo, autocommit=autocommit)
     except psycopg.OperationalError as error:
