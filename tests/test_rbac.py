@@ -555,11 +555,6 @@ def test_cluster_role_matches_operator_calls(
 
 
 @requires_crd
-@pytest.mark.xfail(
-    strict=True,
-    reason="kopf lists and watches namespaces and CRDs, which are cluster-scoped, unless "
-    "the operator sets settings.scanning.disabled when given --namespace",
-)
 def test_roles_match_operator_calls(
     operator_environment: tuple[KubeApiServer, dict[str, str]],
     make_database: Callable[[str], str],
