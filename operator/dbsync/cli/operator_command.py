@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+# The Deployment sets this to its own image, so sync Jobs run the operator's dbsync version.
+JOB_IMAGE_VARIABLE = "DBSYNC_JOB_IMAGE"
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -31,6 +35,23 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                         help="maximum retry delay in seconds (default 300)")
     parser.add_argument("--no-prestart", action="store_true",
                         help="do not keep a spare sync process started ahead of time")
+    parser.add_argument("--executor", choices=("process", "job"), default="process",
+                        help="where syncs run unless a resource sets spec.executor: process "
+                        "(a child process of the operator, default) or job (a Kubernetes Job "
+                        "per sync)")
+    parser.add_argument("--job-image", metavar="IMAGE",
+                        default=os.environ.get(JOB_IMAGE_VARIABLE),
+                        help="image with dbsync installed that sync Jobs run; default "
+                        f"${JOB_IMAGE_VARIABLE}, else dbsync-operator:0.1.0")
+    parser.add_argument("--job-service-account", default="dbsync-sync-runner", metavar="NAME",
+                        help="service account of sync Jobs' pods, in each resource's "
+                        "namespace (default dbsync-sync-runner)")
+    parser.add_argument("--job-ttl-seconds", type=int, default=3600, metavar="SECONDS",
+                        help="ttlSecondsAfterFinished of sync Jobs (default 3600)")
+    parser.add_argument("--job-cpu-limit", default="1", metavar="QUANTITY",
+                        help="CPU limit of a sync Job's container (default 1)")
+    parser.add_argument("--job-memory-limit", default="512Mi", metavar="QUANTITY",
+                        help="memory limit of a sync Job's container (default 512Mi)")
     parser.add_argument("--verbose", "-v", action="store_true", help="log kopf's debug output")
     parser.set_defaults(handler=run)
 
@@ -49,5 +70,11 @@ def run(args: argparse.Namespace) -> int:
         retry_max_seconds=args.retry_max_seconds,
         prestart_children=not args.no_prestart,
         verbose=args.verbose,
+        executor=args.executor,
+        job_image=args.job_image,
+        job_service_account=args.job_service_account,
+        job_ttl_seconds=args.job_ttl_seconds,
+        job_cpu_limit=args.job_cpu_limit,
+        job_memory_limit=args.job_memory_limit,
     )
     return run_operator(settings)

@@ -37,6 +37,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("--approver", metavar="NAME",
                         help="who approved the plan, recorded in the audit trail as given "
                         "(dbsync cannot verify it)")
+    parser.add_argument("--config-env", metavar="VARIABLE",
+                        help="read the whole request as JSON from this environment variable "
+                        "(how a sync Job's pod gets it); other options are then ignored")
     parser.set_defaults(handler=run)
 
 
@@ -138,6 +141,23 @@ def request_from_config(location: str) -> dict[str, Any]:
     return loaded
 
 
+def request_from_environment(variable: str) -> dict[str, Any]:
+    """Read the request fields as a JSON object from the environment variable ``variable``."""
+    text = os.environ.get(variable)
+    if not text:
+        raise ConfigurationError(f"environment variable {variable} (--config-env) is not set "
+                                 "or empty: set it to the request JSON")
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigurationError(
+            f"the request in ${variable} is not valid JSON: {error.msg} at line "
+            f"{error.lineno}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigurationError("the request must be a JSON object")
+    return loaded
+
+
 def validation_message(error: ValidationError) -> str:
     """Summarize pydantic's errors as one line naming each invalid field."""
     problems = []
@@ -149,15 +169,22 @@ def validation_message(error: ValidationError) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run one sync from the parsed arguments and print the report."""
-    from dbsync.pipeline.request import SyncRequest
+    from dbsync.pipeline.request import SyncRequest, resolve_environment_dsns
     from dbsync.pipeline.runner import run_sync
+    from dbsync.pipeline.termination import write_termination_message
 
     logs.configure(json_output=True if args.output == "json" else None)
     sync_id = uuid.uuid4()
     dry_run = args.dry_run or "off"
     try:
-        fields = (request_from_config(args.config) if args.config
-                  else request_from_arguments(args))
+        if args.config:
+            fields = request_from_config(args.config)
+        elif getattr(args, "config_env", None):
+            fields = request_from_environment(args.config_env)
+        else:
+            fields = request_from_arguments(args)
+        # A sync Job's request names environment variables instead of carrying DSNs.
+        fields = resolve_environment_dsns(fields, os.environ)
         fields.setdefault("sync_id", str(sync_id))
         try:
             request = SyncRequest.model_validate(fields)
@@ -172,7 +199,12 @@ def run(args: argparse.Namespace) -> int:
                 sync_id=str(sync_id), trace_id=sync_id.hex, dry_run=dry_run,
                 reason=error.reason, message=str(error), transient=error.transient)
             print(failed.to_json())
+        # In a sync Job's pod the operator reads the outcome from the termination message.
+        write_termination_message(usage_error_report(
+            sync_id=str(sync_id), trace_id=sync_id.hex, dry_run=dry_run, reason=error.reason,
+            message=str(error), transient=error.transient).to_dict())
         raise
 
+    write_termination_message(report.to_dict())
     print(report.to_json() if args.output == "json" else report.render_text())
     return report.exit_code

@@ -59,6 +59,9 @@ class Reason(StrEnum):
     AUDIT_UNAVAILABLE = "AuditUnavailable"
     SYNC_TIMED_OUT = "SyncTimedOut"
     SYNC_INTERRUPTED = "SyncInterrupted"
+    JOB_FAILED = "JobFailed"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    JOB_DELETED = "JobDeleted"
 
     # Permanent errors (Stalled=True): a person must act.
     MIGRATION_FAILED = "MigrationFailed"
@@ -66,6 +69,7 @@ class Reason(StrEnum):
     CREDENTIALS_NOT_FOUND = "CredentialsNotFound"
     CONFIG_MAP_NOT_FOUND = "ConfigMapNotFound"
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    IMAGE_PULL_FAILED = "ImagePullFailed"
     SYNC_FAILED = "SyncFailed"
 
 

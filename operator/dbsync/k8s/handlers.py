@@ -22,7 +22,7 @@ import functools
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -31,8 +31,10 @@ from dbsync.k8s import kubeclient
 from dbsync.k8s.conditions import Reason, now_utc
 from dbsync.k8s.credentials import CONFIG_MAP, SECRET
 from dbsync.k8s.executor import SyncExecutor
+from dbsync.k8s.job_executor import JobExecutor
+from dbsync.k8s.job_manifest import JobSettings
 from dbsync.k8s.kubeclient import KubeClient
-from dbsync.k8s.models import GROUP, PLURAL, VERSION, DatabaseSyncSpec
+from dbsync.k8s.models import GROUP, PLURAL, VERSION, DatabaseSyncSpec, ExecutorKind
 from dbsync.k8s.reconcile import Reconciler, spec_or_verdict
 from dbsync.k8s.scheduler import Scheduler, retry_delay_seconds
 from dbsync.k8s.status import Trigger, VerdictKind, starting_status, suspended_status
@@ -55,6 +57,8 @@ class OperatorOptions:
     retry_max_seconds: float = 300.0
     prestart_children: bool = True
     all_namespaces: bool = False
+    executor: ExecutorKind = ExecutorKind.PROCESS
+    job_settings: JobSettings = field(default_factory=JobSettings)
 
 
 @dataclass
@@ -116,7 +120,10 @@ async def start_operator(settings: kopf.OperatorSettings, **_: Any) -> None:
     executor = SyncExecutor(max_concurrent_syncs=options.max_concurrent_syncs,
                             prestart=options.prestart_children)
     client = KubeClient()
-    reconciler = Reconciler(executor=executor, reader=client)
+    reconciler = Reconciler(executor=executor, reader=client,
+                            job_executor=JobExecutor(client=client,
+                                                     settings=options.job_settings),
+                            default_executor=options.executor)
     scheduler = Scheduler(reconciler=reconciler, client=client,
                           retry_base_seconds=options.retry_base_seconds,
                           retry_max_seconds=options.retry_max_seconds)
@@ -129,8 +136,8 @@ async def start_operator(settings: kopf.OperatorSettings, **_: Any) -> None:
         from dbsync.k8s import metrics
 
         metrics.start_metrics_server(port=options.metrics_port)
-    logger.info("dbsync operator started (max %d concurrent syncs)",
-                options.max_concurrent_syncs)
+    logger.info("dbsync operator started (max %d concurrent syncs, %s executor)",
+                options.max_concurrent_syncs, options.executor.value)
 
 
 @kopf.on.cleanup()

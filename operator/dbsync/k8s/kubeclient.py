@@ -120,6 +120,38 @@ class KubeClient:
             loaded: dict[str, Any] = json.loads(body)
             return loaded
 
+    async def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST ``body`` to the collection at ``path``; KubeApiError(status=409) if it exists."""
+        session, server = self._ensure_session()
+        async with session.post(server + path, data=json.dumps(body),
+                                headers={"Content-Type": "application/json"}) as response:
+            text = await response.text()
+            if response.status >= 400:
+                raise KubeApiError(f"POST {path} failed with HTTP {response.status}: "
+                                   f"{text[:300]}", status=response.status)
+            loaded: dict[str, Any] = json.loads(text)
+            return loaded
+
+    async def delete(self, path: str, *, propagation_policy: str = "Background") -> bool:
+        """Delete the object at ``path``; return False when it was already gone."""
+        session, server = self._ensure_session()
+        options = {"kind": "DeleteOptions", "apiVersion": "v1",
+                   "propagationPolicy": propagation_policy}
+        async with session.delete(server + path, data=json.dumps(options),
+                                  headers={"Content-Type": "application/json"}) as response:
+            if response.status == 404:
+                return False
+            text = await response.text()
+            if response.status >= 400:
+                raise KubeApiError(f"DELETE {path} failed with HTTP {response.status}: "
+                                   f"{text[:300]}", status=response.status)
+            return True
+
+    async def list_items(self, path: str, *, label_selector: str) -> list[dict[str, Any]]:
+        """Return the items of the collection at ``path`` that match ``label_selector``."""
+        found = await self.get(f"{path}?labelSelector={quote(label_selector, safe='')}")
+        return list((found or {}).get("items") or [])
+
     async def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
         """Return the Secret ``namespace/name``, or None when it does not exist."""
         return await self.get(f"/api/v1/namespaces/{_quote(namespace)}/secrets/{_quote(name)}")

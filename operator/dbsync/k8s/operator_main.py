@@ -7,6 +7,7 @@ kopf is imported here and in the handler modules only, so ``dbsync`` commands ot
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,12 @@ class OperatorSettings:
     retry_max_seconds: float = 300.0
     prestart_children: bool = True
     verbose: bool = False
+    executor: str = "process"
+    job_image: str | None = None
+    job_service_account: str = "dbsync-sync-runner"
+    job_ttl_seconds: int = 3600
+    job_cpu_limit: str = "1"
+    job_memory_limit: str = "512Mi"
 
     def __post_init__(self) -> None:
         if self.all_namespaces and self.namespaces:
@@ -39,6 +46,11 @@ class OperatorSettings:
         if self.max_concurrent_syncs < 1:
             raise ConfigurationError(
                 f"--max-concurrent-syncs is {self.max_concurrent_syncs}: pass 1 or more")
+        if self.executor not in ("process", "job"):
+            raise ConfigurationError(f"--executor is {self.executor!r}: pass process or job")
+        if self.job_ttl_seconds < 0:
+            raise ConfigurationError(
+                f"--job-ttl-seconds is {self.job_ttl_seconds}: pass 0 or more")
 
 
 def liveness_endpoint(port: int | None) -> str | None:
@@ -54,6 +66,17 @@ def run_operator(settings: OperatorSettings, *, stop_flag: asyncio.Event | None 
     import kopf
 
     from dbsync.k8s import handlers
+    from dbsync.k8s.job_manifest import JobSettings
+    from dbsync.k8s.models import ExecutorKind
+
+    job_settings = JobSettings(
+        service_account=settings.job_service_account,
+        ttl_seconds_after_finished=settings.job_ttl_seconds,
+        cpu_limit=settings.job_cpu_limit,
+        memory_limit=settings.job_memory_limit,
+    )
+    if settings.job_image:
+        job_settings = dataclasses.replace(job_settings, image=settings.job_image)
 
     handlers.configure(handlers.OperatorOptions(
         max_concurrent_syncs=settings.max_concurrent_syncs,
@@ -62,6 +85,8 @@ def run_operator(settings: OperatorSettings, *, stop_flag: asyncio.Event | None 
         retry_max_seconds=settings.retry_max_seconds,
         prestart_children=settings.prestart_children,
         all_namespaces=settings.all_namespaces,
+        executor=ExecutorKind(settings.executor),
+        job_settings=job_settings,
     ))
     kopf.configure(verbose=settings.verbose, log_format=kopf.LogFormat.FULL)
     scope = "all namespaces" if settings.all_namespaces else ", ".join(settings.namespaces)

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from dbsync.k8s import events
 from dbsync.k8s.conditions import Reason, now_utc
 from dbsync.k8s.credentials import ObjectReader, resolve_inputs
 from dbsync.k8s.executor import ChildOutcome, SyncExecutor
-from dbsync.k8s.models import RUN_AT_ANNOTATION, DatabaseSyncSpec, parse_spec
+from dbsync.k8s.job_executor import ActiveJob, JobExecutor, JobOutcome
+from dbsync.k8s.models import RUN_AT_ANNOTATION, DatabaseSyncSpec, ExecutorKind, parse_spec
 from dbsync.k8s.status import (
     SyncContext,
     Trigger,
@@ -39,6 +41,9 @@ from dbsync.k8s.status import (
 from dbsync.pipeline.errors import ConfigurationError
 
 logger = logging.getLogger("dbsync.k8s.reconcile")
+
+# Triggers of kopf's change handlers, which may reuse a Job adopted after a restart.
+_HANDLER_TRIGGERS = frozenset({Trigger.CREATE, Trigger.RESUME, Trigger.UPDATE, Trigger.RETRY})
 
 try:
     from dbsync.k8s import metrics as _metrics
@@ -134,6 +139,8 @@ class Reconciler:
 
     executor: SyncExecutor
     reader: ObjectReader
+    job_executor: JobExecutor | None = None
+    default_executor: ExecutorKind = ExecutorKind.PROCESS
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict, init=False)
 
     def lock_for(self, uid: str) -> asyncio.Lock:
@@ -166,33 +173,63 @@ class Reconciler:
             return self._problem(body, previous, parsed, generation=generation, run_at=run_at)
         spec = parsed
 
-        sync_id = str(uuid.uuid4())
+        # A Job recorded in status is still this resource's sync, whatever the mode now.
+        active = ActiveJob.from_status(previous) if self.job_executor is not None else None
+        use_job = self.job_executor is not None and (
+            active is not None or (spec.executor or self.default_executor) is ExecutorKind.JOB)
+        if not use_job and spec.migrations is not None and spec.migrations.image is not None:
+            verdict = Verdict(kind=VerdictKind.PERMANENT, reason=Reason.INVALID_SPEC,
+                              message="spec.migrations.image needs the job executor: set "
+                              "spec.executor to job, or remove migrations.image")
+            return self._problem(body, previous, verdict, generation=generation, run_at=run_at)
+
+        sync_id = active.sync_id if active is not None else str(uuid.uuid4())
         started_at = now_utc()
-        with _private_directory() as workdir:
-            try:
-                inputs = await resolve_inputs(spec, namespace=namespace, reader=self.reader,
-                                              workdir=workdir)
-            except ConfigurationError as error:
-                verdict = Verdict(kind=VerdictKind.PERMANENT, reason=error.reason,
-                                  message=str(error))
-                return self._problem(body, previous, verdict, generation=generation,
-                                     run_at=run_at)
+        job_outcome: JobOutcome | None = None
+        if use_job and trigger in _HANDLER_TRIGGERS and self.job_executor is not None:
+            # After a restart kopf runs the interrupted handler and the resume handler; the
+            # Job adopted by the first one is this generation's sync for both.
+            job_outcome = self.job_executor.take_adopted(str(metadata.get("uid")), generation)
+        if job_outcome is not None:
+            sync_id = job_outcome.sync_id
+            outcome = job_outcome.outcome
+        else:
+            with _private_directory() as workdir:
+                try:
+                    inputs = await resolve_inputs(spec, namespace=namespace, reader=self.reader,
+                                                  workdir=workdir)
+                except ConfigurationError as error:
+                    verdict = Verdict(kind=VerdictKind.PERMANENT, reason=error.reason,
+                                      message=str(error))
+                    return self._problem(body, previous, verdict, generation=generation,
+                                         run_at=run_at)
 
-            request = build_request(
-                spec, body=body, source_dsn=inputs.source_dsn, target_dsn=inputs.target_dsn,
-                audit_dsn=inputs.audit_dsn, migrations_dir=inputs.migrations_dir,
-                run_migrations=run_migrations, sync_id=sync_id)
+                request = build_request(
+                    spec, body=body, source_dsn=inputs.source_dsn,
+                    target_dsn=inputs.target_dsn, audit_dsn=inputs.audit_dsn,
+                    migrations_dir=inputs.migrations_dir, run_migrations=run_migrations,
+                    sync_id=sync_id)
 
-            events.post_event(body, event_type=events.NORMAL,
-                              reason=Reason.RECHECKING if not run_migrations else Reason.SYNCING,
-                              message=f"sync {sync_id} started ({trigger.value})")
-            logger.info("sync %s of %s/%s started (%s)", sync_id, namespace,
-                        metadata.get("name"), trigger.value)
-            outcome = await self._run_child(request, timeout_seconds=spec.sync_timeout_seconds,
-                                            secrets=inputs.secrets)
+                events.post_event(
+                    body, event_type=events.NORMAL,
+                    reason=Reason.RECHECKING if not run_migrations else Reason.SYNCING,
+                    message=f"sync {sync_id} started ({trigger.value})")
+                logger.info("sync %s of %s/%s started (%s)", sync_id, namespace,
+                            metadata.get("name"), trigger.value)
+                if use_job and self.job_executor is not None:
+                    job_outcome = await self._run_job(body, spec, request, sync_id=sync_id,
+                                                      started_at=started_at, trigger=trigger,
+                                                      active=active)
+                    outcome = job_outcome.outcome
+                else:
+                    outcome = await self._run_child(request,
+                                                    timeout_seconds=spec.sync_timeout_seconds,
+                                                    secrets=inputs.secrets)
 
         verdict = judge(outcome, sync_id=sync_id, fail_on_drift=spec.diff.fail_on_drift,
                         timeout_seconds=spec.sync_timeout_seconds)
+        if job_outcome is not None and job_outcome.verdict is not None:
+            verdict = job_outcome.verdict
         errored = verdict.kind in (VerdictKind.TRANSIENT, VerdictKind.PERMANENT)
         failures = failures_before + 1 if errored else 0
         verdict = escalate(verdict, failures=failures, backoff_limit=spec.backoff_limit)
@@ -203,6 +240,9 @@ class Reconciler:
             run_at=run_at if run_migrations else None)
         status = finished_status(previous, report=outcome.report, verdict=verdict,
                                  context=context)
+        if use_job:
+            # A JSON merge patch removes the field: no Job of this resource runs now.
+            status["activeJob"] = None
         self._record_metrics(namespace, str(metadata.get("name")), status, outcome.report,
                              verdict)
         events.post_event(body, event_type=verdict.event_type, reason=verdict.reason,
@@ -210,6 +250,17 @@ class Reconciler:
         logger.info("sync %s of %s/%s finished: %s (%s)", sync_id, namespace,
                     metadata.get("name"), verdict.kind.value, verdict.reason)
         return SyncOutcome(status=status, verdict=verdict, sync_id=sync_id, failures=failures)
+
+    async def _run_job(self, body: Mapping[str, Any], spec: DatabaseSyncSpec,
+                       request: dict[str, Any], *, sync_id: str, started_at: datetime,
+                       trigger: Trigger, active: ActiveJob | None) -> JobOutcome:
+        assert self.job_executor is not None
+        run = self.job_executor.run(body=body, spec=spec, request=request, sync_id=sync_id,
+                                    started_at=started_at, trigger=trigger.value, adopt=active)
+        if _metrics is None:
+            return await run
+        with _metrics.track_running():
+            return await run
 
     async def _run_child(self, request: dict[str, Any], *, timeout_seconds: float,
                          secrets: tuple[str, ...]) -> ChildOutcome:
