@@ -270,7 +270,9 @@ def test_overlay_passes_role_namespaces(namespaced: list[dict[str, Any]]) -> Non
 
 
 def test_overlay_bindings_name_operator_account(namespaced: list[dict[str, Any]]) -> None:
-    service_account = only(namespaced, "ServiceAccount")["metadata"]
+    service_account = only(
+        [account for account in of_kind(namespaced, "ServiceAccount")
+         if account["metadata"]["name"] == "dbsync-operator"], "ServiceAccount")["metadata"]
     subjects = [
         subject
         for binding in of_kind(namespaced, "RoleBinding")
@@ -281,6 +283,19 @@ def test_overlay_bindings_name_operator_account(namespaced: list[dict[str, Any]]
         {"kind": "ServiceAccount", "name": service_account["name"],
          "namespace": service_account["namespace"]},
     ] * 2
+
+
+def test_overlay_gives_sync_jobs_tokenless_account(namespaced: list[dict[str, Any]]) -> None:
+    """Each served namespace has the sync Jobs' ServiceAccount, with no token mounted."""
+    runners = [account for account in of_kind(namespaced, "ServiceAccount")
+               if account["metadata"]["name"] == "dbsync-sync-runner"]
+    role_namespaces = sorted(role["metadata"]["namespace"] for role in of_kind(namespaced, "Role"))
+
+    assert sorted(account["metadata"]["namespace"] for account in runners) == role_namespaces
+    assert all(account["automountServiceAccountToken"] is False for account in runners)
+    assert not any(subject.get("name") == "dbsync-sync-runner"
+                   for binding in of_kind(namespaced, "RoleBinding")
+                   for subject in binding["subjects"])
 
 
 @pytest.fixture

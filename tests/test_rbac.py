@@ -8,6 +8,7 @@ on explicit calls first, then on the calls of a real ``dbsync operator`` process
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import signal
@@ -25,6 +26,7 @@ import pytest
 import yaml
 
 from dbsync.testing.kubeapi import KubeApiServer, running_apiserver
+from dbsync.testing.kubeapi.kubelet import enable_kubelet
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD_FILE = ROOT / "crds" / "databasesync.yaml"
@@ -449,6 +451,7 @@ def run_operator_once(
     source_dsn: str,
     target_dsn: str,
     log_path: Path,
+    extra_arguments: Sequence[str] = (),
 ) -> OperatorRun:
     """Sync one DatabaseSync with the real operator and return the API calls it made.
 
@@ -480,7 +483,7 @@ def run_operator_once(
 
     liveness_port, metrics_port = free_port(), free_port()
     arguments = operator_arguments(manifests, liveness_port=liveness_port,
-                                   metrics_port=metrics_port)
+                                   metrics_port=metrics_port) + list(extra_arguments)
     dbsync = Path(sys.executable).parent / "dbsync"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -521,6 +524,16 @@ def describe_comparison(comparison: RbacComparison) -> str:
     return f"uncovered calls: {uncovered}; unused permissions: {unused}"
 
 
+# Resources only job mode calls; a process-mode run leaves their permissions unused.
+JOB_MODE_RESOURCES = {("batch", "jobs"), ("", "pods")}
+
+
+def process_mode_unused(comparison: RbacComparison) -> list[Permission]:
+    """Return the unused permissions, leaving out those only job mode needs."""
+    return [permission for permission in comparison.unused_permissions
+            if (permission.api_group, permission.resource) not in JOB_MODE_RESOURCES]
+
+
 requires_crd = pytest.mark.skipif(
     not CRD_FILE.exists(),
     reason=f"{CRD_FILE.relative_to(ROOT)} is missing: generate it with `dbsync crd`",
@@ -551,7 +564,47 @@ def test_cluster_role_matches_operator_calls(
     assert run.healthz_status == 200
     assert 'dbsync_syncs_total{name="payments-uat",namespace="payments"' in run.metrics_text
     assert comparison.uncovered_calls == [], describe_comparison(comparison)
-    assert comparison.unused_permissions == [], describe_comparison(comparison)
+    assert process_mode_unused(comparison) == [], describe_comparison(comparison)
+
+
+@requires_crd
+def test_cluster_role_matches_job_mode_calls(
+    operator_environment: tuple[KubeApiServer, dict[str, str]],
+    make_database: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """In job mode the base ClusterRole allows every call, and only Job deletion goes unused.
+
+    The operator deletes a Job only when its image cannot be pulled or it outlives its
+    deadline, which a successful sync never does.
+    """
+    server, environment = operator_environment
+    manifests = render(BASE)
+    kubectl_apply(environment, "-k", str(BASE))
+    kubectl_apply(environment, "-f", "-", stdin=yaml.safe_dump(
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "payments"}}))
+    kubelet = enable_kubelet(server, workdir=tmp_path / "kubelet")
+
+    try:
+        run = run_operator_once(
+            server=server, environment=environment, manifests=manifests, namespace="payments",
+            source_dsn=make_database("src"), target_dsn=make_database("tgt"),
+            log_path=tmp_path / "operator.log", extra_arguments=("--executor=job",),
+        )
+    finally:
+        assert server.loop is not None
+        asyncio.run_coroutine_threadsafe(kubelet.close(), server.loop).result(timeout=30)
+    comparison = compare_rbac(run.calls, operator_grants(manifests))
+    job_calls = {(call.verb, call.resource) for call in run.calls
+                 if (call.api_group, call.resource) in JOB_MODE_RESOURCES}
+
+    assert run.ready["status"] == "True"
+    assert job_calls == {("create", "jobs"), ("get", "jobs"), ("list", "jobs"),
+                         ("list", "pods")}
+    assert comparison.uncovered_calls == [], describe_comparison(comparison)
+    assert comparison.unused_permissions == [
+        Permission("dbsync-operator", None, "batch", "jobs", "delete")
+    ], describe_comparison(comparison)
 
 
 @requires_crd
