@@ -292,6 +292,8 @@ def verify_chain(dsn: str, *, since: datetime | None = None,
     With ``since``, checking starts at the first row recorded at or after it, and that row's
     ``prev_hash`` is checked against the stored ``row_hash`` of the row before it.
     """
+    # TODO: compare the head with an anchor published outside the database. Without one, a
+    # superuser who recomputes every hash after an edit, or removes the newest rows, passes.
     with connect(dsn, role="audit", autocommit=True,
                  connect_timeout_seconds=connect_timeout_seconds,
                  application_name=AUDIT_APPLICATION_NAME) as connection:
