@@ -225,7 +225,7 @@ def test_non_summary_message_is_no_report() -> None:
 
 
 def test_environment_dsn_connects(make_database: Callable[[str], str]) -> None:
-    """A DSN assembled from variables reaches the real server; the request holds no secret."""
+    """A DSN assembled from variables reaches the real server, with no secret in the request."""
     parts = conninfo_to_dict(make_database("envdsn"))
     fields = {"target_env": {"host": parts["host"], "port": int(parts.get("port") or 5432),
                              "database": parts["dbname"], "user_variable": "TARGET_USER",

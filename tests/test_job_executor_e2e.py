@@ -209,7 +209,7 @@ def test_job_labels_name_owner_and_limits(ready_pair: ReadyPair) -> None:
 
 def test_job_carries_no_secret_and_runs_restricted(cluster: JobCluster,
                                                    ready_pair: ReadyPair) -> None:
-    """The stored Job holds no password or URI, runs as non-root and mounts no token."""
+    """The stored Job contains no password or URI, runs as non-root and mounts no token."""
     source_password = str(conninfo_to_dict(cluster.source_dsn).get("password") or "")
     job_text = json.dumps(ready_pair.job)
     pod = ready_pair.job["spec"]["template"]["spec"]

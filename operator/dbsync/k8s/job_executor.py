@@ -4,8 +4,8 @@ The Job's pod runs ``dbsync run`` under its own service account, with no API tok
 the resource limits and deadline the Job sets.  Before the Job is created its name and sync
 id go into ``status.activeJob``, so an operator that restarts while the Job runs finds it
 (by the resource uid and sync id labels) and waits for it instead of starting another.
-The pod writes a summary of its report to its termination message; the operator expands it
-into the same report fields a child process prints, so the status is built the same way.
+The pod writes a summary of its report to its termination message.  The operator expands it
+into the report fields a child process prints, so the status is built the same way.
 """
 
 from __future__ import annotations
@@ -36,16 +36,16 @@ from dbsync.pipeline.termination import report_from_termination_message
 
 logger = logging.getLogger("dbsync.k8s.jobs")
 
-# Pod waiting reasons that mean the image cannot be pulled; retrying will not help.
+# Pod waiting reasons that mean the image cannot be pulled, so retrying will not help.
 IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName"})
 
 # How long past activeDeadlineSeconds the operator waits for the Job controller to fail the
 # Job before it deletes the Job itself (a stopped controller, a pod stuck terminating).
 DEADLINE_GRACE_SECONDS = 60.0
 
-# An adopted Job's outcome stands in for the next change-handler sync of the same
-# generation within this window: after a restart, kopf runs both the interrupted handler
-# and the resume handler, and the adopted Job already is that sync.
+# An adopted Job's outcome is reused by the next change-handler sync of the same generation
+# within this window.  After a restart kopf runs both the interrupted handler and the resume
+# handler, and the adopted Job already is that sync.
 ADOPTED_OUTCOME_SECONDS = 120.0
 
 

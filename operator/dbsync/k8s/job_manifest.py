@@ -132,7 +132,7 @@ def _database_environment(database: DatabaseReference, *,
 
 @dataclass(frozen=True, kw_only=True)
 class MigrationsLayout:
-    """How the pod gets its revision files: volumes, mounts, an init container, the path."""
+    """The pod's source of revision files: volumes, mounts, an init container, the path."""
 
     directory: str | None
     volumes: tuple[dict[str, Any], ...] = ()

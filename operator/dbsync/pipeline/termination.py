@@ -3,7 +3,7 @@
 A sync Job's pod writes this summary to its termination message file, and the kubelet copies
 it into ``status.containerStatuses[].state.terminated.message``, where the operator reads it.
 The kubelet keeps at most 4096 bytes of that file, so the summary carries counts, names,
-revisions and ids only.  The audit trail, found by the sync id, holds the full detail.
+revisions and ids only.  The audit trail, found by the sync id, contains the full detail.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """A minimal kubelet and Job controller for the API emulator: Jobs' pods run as local processes.
 
 Opt in with :func:`enable_kubelet`.  When a ``batch/v1`` Job is created, the kubelet creates
-its Pod, runs the pod's init containers and its first container one after another as local
-processes, and writes the Pod's and the Job's status as the real controllers do: phase,
-``containerStatuses`` with the exit code and the termination message, the Job's
-``active``/``succeeded``/``failed`` counts and its ``Complete`` or ``Failed`` condition
-(``BackoffLimitExceeded``, or ``DeadlineExceeded`` once ``activeDeadlineSeconds`` pass,
-which also kills the process).  Deleting a Job kills its process and deletes its pods.
+its Pod and runs the pod's init containers and its first container one after another as
+local processes.  It writes the Pod's and the Job's status as the real controllers do:
+phase, ``containerStatuses`` with the exit code and the termination message, the Job's
+``active``/``succeeded``/``failed`` counts and its ``Complete`` or ``Failed`` condition.
+The failure reason is ``BackoffLimitExceeded``, or ``DeadlineExceeded`` once
+``activeDeadlineSeconds`` pass, which also kills the process.  Deleting a Job kills its
+process and deletes its pods.
 
 Differences from a node, on purpose:
 
@@ -339,7 +340,7 @@ class Kubelet:
         command = [_rewrite(str(part), mapping) for part in container.get("command") or []]
         arguments = [_rewrite(str(part), mapping) for part in container.get("args") or []]
         if command[:1] == ["dbsync"]:
-            # The local dbsync stands in for the image's entry point.
+            # The local dbsync replaces the image's entry point.
             command = [self.python_executable, "-m", "dbsync.cli.main", *command[1:]]
         if not command:
             raise ContainerConfigError(f"container {name} has no command; the emulator's "
