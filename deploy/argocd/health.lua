@@ -8,7 +8,8 @@
 --   2. spec.suspend true                      -> Suspended
 --   3. status.observedGeneration < generation -> Progressing (the status describes an older spec)
 --   4. Stalled=True                           -> Degraded (a person must act)
---   5. Ready=False with reason ApprovalPending -> Suspended (the plan waits for approval)
+--   5. Ready=False with reason ApprovalPending, PlanChanged or PlanExpired
+--                                             -> Suspended (a plan waits for approval)
 --   6. Reconciling=True                       -> Progressing
 --   7. Ready=True                             -> Healthy
 --   8. anything else                          -> Progressing
@@ -81,7 +82,11 @@ if stalled ~= nil and stalled.status == "True" then
   return hs
 end
 
-if ready ~= nil and ready.status == "False" and ready.reason == "ApprovalPending" then
+-- Reasons under which a published plan waits for a person to approve it.
+local waiting_for_approval = {ApprovalPending = true, PlanChanged = true, PlanExpired = true}
+
+if ready ~= nil and ready.status == "False" and ready.reason ~= nil and
+    waiting_for_approval[ready.reason] then
   hs.status = "Suspended"
   hs.message = describe(ready, "Waiting for approval")
   return hs

@@ -31,22 +31,40 @@ class PluginError(Exception):
     """A failure to report as one line on standard error."""
 
 
+def _connection_options(*, in_subcommand: bool) -> argparse.ArgumentParser:
+    """Return the kubeconfig options, accepted before and after the subcommand.
+
+    kubectl passes a plugin every argument after its name, so ``kubectl dbsync approve NAME
+    --kubeconfig FILE`` puts the option after the subcommand.  There the defaults are
+    suppressed, so an option given before the subcommand is not overwritten.
+    """
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--kubeconfig",
+                         default=(argparse.SUPPRESS if in_subcommand
+                                  else os.environ.get("KUBECONFIG")),
+                         help="kubeconfig file (default $KUBECONFIG, then ~/.kube/config)")
+    options.add_argument("--context", default=argparse.SUPPRESS if in_subcommand else None,
+                         help="kubeconfig context to use")
+    options.add_argument("-n", "--namespace",
+                         default=argparse.SUPPRESS if in_subcommand else None,
+                         help="namespace (default: the context's)")
+    return options
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kubectl dbsync",
+        prog="kubectl dbsync", parents=[_connection_options(in_subcommand=False)],
         description="Review and approve the pending plan of a DatabaseSync resource.")
-    parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"),
-                        help="kubeconfig file (default $KUBECONFIG, then ~/.kube/config)")
-    parser.add_argument("--context", help="kubeconfig context to use")
-    parser.add_argument("-n", "--namespace", help="namespace (default: the context's)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    shared = [_connection_options(in_subcommand=True)]
 
-    plan = commands.add_parser("plan", help="show the plan waiting for approval")
+    plan = commands.add_parser("plan", parents=shared, help="show the plan waiting for approval")
     plan.add_argument("name", help="DatabaseSync name")
     plan.add_argument("-o", "--output", choices=("text", "json"), default="text")
 
     approve = commands.add_parser(
-        "approve", help="approve the plan waiting for approval (sets the annotation)")
+        "approve", parents=shared,
+        help="approve the plan waiting for approval (sets the annotation)")
     approve.add_argument("name", help="DatabaseSync name")
     approve.add_argument("--hash", dest="expected_hash", metavar="HASH",
                          help="approve only if the pending plan still has this hash")
@@ -92,7 +110,7 @@ def _pending_plan(resource: dict[str, Any]) -> dict[str, Any] | None:
         return None
     ready: dict[str, Any] = next((condition for condition in status.get("conditions", [])
                   if condition.get("type") == "Ready"), {})
-    if ready.get("reason") not in ("ApprovalPending", "PlanChanged"):
+    if ready.get("reason") not in ("ApprovalPending", "PlanChanged", "PlanExpired"):
         return None
     return plan
 
@@ -106,6 +124,8 @@ def _show_plan(resource: dict[str, Any], plan: dict[str, Any], output: str) -> N
           "for approval")
     print(f"  hash:             {plan.get('hash')}")
     print(f"  created at:       {plan.get('createdAt')}")
+    if plan.get("expiresAt"):
+        print(f"  expires at:       {plan.get('expiresAt')}")
     print(f"  current revision: {plan.get('currentRevision')}")
     print(f"  target revision:  {plan.get('targetRevision')}")
     revisions = plan.get("revisions") or []
@@ -114,8 +134,8 @@ def _show_plan(resource: dict[str, Any], plan: dict[str, Any], output: str) -> N
     if not_atomic:
         print(f"  NOT atomic:       {', '.join(not_atomic)}")
     print(f"  ledger checks:    {', '.join(plan.get('ledgerChecks') or []) or 'none'}")
-    print("The full SQL is in the audit trail: dbsync audit show SYNC_ID, or the PLAN "
-          "operation with this hash.")
+    print(f"The full SQL is in the audit trail: dbsync audit show "
+          f"{plan.get('syncId') or 'SYNC_ID'}, the PLAN operation with this hash.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

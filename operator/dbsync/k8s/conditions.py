@@ -53,6 +53,11 @@ class Reason(StrEnum):
     NOT_RUN = "NotRun"
     SUSPENDED = "Suspended"
 
+    # A plan waits for approval (approval.mode Manual): not Ready, nothing in progress.
+    APPROVAL_PENDING = "ApprovalPending"
+    PLAN_CHANGED = "PlanChanged"
+    PLAN_EXPIRED = "PlanExpired"
+
     # Transient errors, retried with backoff.
     DATABASE_UNREACHABLE = "DatabaseUnreachable"
     LOCK_TIMEOUT = "LockTimeout"

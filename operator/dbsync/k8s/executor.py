@@ -27,6 +27,9 @@ logger = logging.getLogger("dbsync.k8s.executor")
 
 CHILD_COMMAND = ("-m", "dbsync.cli.main", "run", "--config", "-", "--output", "json")
 
+# The same request computes a plan instead (approval.mode Manual); no spare child runs it.
+PLAN_COMMAND = ("-m", "dbsync.cli.main", "plan", "--config", "-", "--output", "json")
+
 # Only the end of a child's log is kept: enough for the error that stopped it.
 STDERR_TAIL_CHARACTERS = 4000
 
@@ -87,24 +90,26 @@ class SyncExecutor:
         *,
         timeout_seconds: float,
         secrets: Sequence[str] = (),
+        command: Sequence[str] = CHILD_COMMAND,
     ) -> ChildOutcome:
         """Run one sync child with ``request`` on its standard input and return its outcome.
 
         The timeout counts from the child's start, not from the wait for a free slot.
-        ``secrets`` are removed from the kept standard error.
+        ``secrets`` are removed from the kept standard error.  ``command`` is the child's
+        argument list after the interpreter: :data:`CHILD_COMMAND` or :data:`PLAN_COMMAND`.
         """
         payload = json.dumps(request, default=str).encode("utf-8")
         async with self._limit():
             return await self._run_child(payload, timeout_seconds=timeout_seconds,
-                                         secrets=secrets)
+                                         secrets=secrets, command=tuple(command))
 
-    async def _spawn(self) -> asyncio.subprocess.Process:
+    async def _spawn(self, command: Sequence[str] = CHILD_COMMAND) -> asyncio.subprocess.Process:
         environment = {**os.environ, **self.extra_environment, "PYTHONUNBUFFERED": "1"}
 
         # A new session makes the child a process group leader, so a kill on timeout also
         # reaches anything it started.
         return await asyncio.create_subprocess_exec(
-            self.python_executable, *CHILD_COMMAND,
+            self.python_executable, *command,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -139,9 +144,11 @@ class SyncExecutor:
             await self._stop(spare)
 
     async def _run_child(self, payload: bytes, *, timeout_seconds: float,
-                         secrets: Sequence[str]) -> ChildOutcome:
+                         secrets: Sequence[str],
+                         command: tuple[str, ...] = CHILD_COMMAND) -> ChildOutcome:
         started = time.monotonic()
-        process = await self._take_child()
+        process = (await self._take_child() if command == CHILD_COMMAND
+                   else await self._spawn(command))
         self._children[process.pid] = process
         timed_out = False
         try:

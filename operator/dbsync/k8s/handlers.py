@@ -27,7 +27,7 @@ from typing import Any
 
 import kopf
 
-from dbsync.k8s import kubeclient
+from dbsync.k8s import approval, kubeclient
 from dbsync.k8s.conditions import Reason, now_utc
 from dbsync.k8s.credentials import CONFIG_MAP, SECRET
 from dbsync.k8s.executor import SyncExecutor
@@ -200,6 +200,9 @@ async def _run(body: kopf.Body, patch: kopf.Patch, retry: int, *, trigger: Trigg
         return
 
     outcome = await current.reconciler.sync(body, trigger=Trigger.RETRY if retry else trigger)
+    if outcome.clear_approval_annotations:
+        # An approval annotation approves one published plan; kopf patches these keys too.
+        patch.meta.annotations.update(approval.cleared_annotations())
     patch.setdefault("status", {}).update(outcome.status)
 
     if outcome.verdict.kind is VerdictKind.TRANSIENT:

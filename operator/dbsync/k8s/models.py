@@ -30,6 +30,13 @@ API_VERSION = f"{GROUP}/{VERSION}"
 # Annotation that asks for a run now; its value is echoed in status.lastHandledRunAt.
 RUN_AT_ANNOTATION = f"{GROUP}/run-at"
 
+# Annotations that approve a pending plan by its hash, and name who approved it.
+APPROVED_PLAN_ANNOTATION = f"{GROUP}/approved-plan"
+APPROVED_BY_ANNOTATION = f"{GROUP}/approved-by"
+
+# A plan hash: SHA-256 in lowercase hex, as `dbsync plan` prints it.
+PLAN_HASH_PATTERN = r"^[0-9a-f]{64}$"
+
 # Kubernetes object names (DNS subdomain) and data keys of Secrets and ConfigMaps.
 OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 DATA_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
@@ -237,6 +244,38 @@ class ExecutorKind(StrEnum):
     JOB = "job"
 
 
+class ApprovalMode(StrEnum):
+    """Whether a sync applies its plan at once or waits for a person to approve it."""
+
+    AUTO = "Auto"
+    MANUAL = "Manual"
+
+
+class ApprovalSpec(_Model):
+    """How plans are approved before a sync changes the target."""
+
+    mode: ApprovalMode = Field(
+        default=ApprovalMode.AUTO,
+        description="Auto: apply at once. Manual: publish the plan in status.plan and apply it "
+        "only once its hash is approved here or in the dbsync.io/approved-plan annotation.")
+    approved_plan: str | None = Field(
+        default=None, pattern=PLAN_HASH_PATTERN,
+        description="Hash of the approved plan (64 lowercase hex digits, from status.plan.hash); "
+        "counts only for a plan published before this spec generation.")
+    max_age: str | None = Field(
+        default=None, pattern=DURATION_PATTERN, max_length=32,
+        description="A plan older than this (for example 24h) is not applied; a fresh plan is "
+        "published instead. No limit when unset.")
+
+    @model_validator(mode="after")
+    def _manual_fields_need_manual(self) -> ApprovalSpec:
+        if self.mode is ApprovalMode.AUTO and (self.approved_plan is not None
+                                               or self.max_age is not None):
+            raise ValueError("approval.approvedPlan and approval.maxAge need approval.mode "
+                             "Manual: set the mode, or remove them")
+        return self
+
+
 class DatabaseSyncSpec(_Model):
     """What to sync, how, and how often to check it again."""
 
@@ -284,6 +323,19 @@ class DatabaseSyncSpec(_Model):
         default=None,
         description="process: a child process of the operator; job: a Kubernetes Job per "
         "sync. The operator's --executor when unset.")
+    approval: ApprovalSpec = Field(
+        default_factory=ApprovalSpec,
+        description="Whether a person must approve each sync's plan before it is applied.")
+
+    @model_validator(mode="after")
+    def _plan_needs_local_revisions(self) -> DatabaseSyncSpec:
+        # TODO: compute the plan in a Job too; the operator cannot read revisions in an image.
+        manual = self.approval.mode is ApprovalMode.MANUAL
+        if manual and self.migrations is not None and self.migrations.image is not None:
+            raise ValueError("approval.mode Manual does not support migrations.image yet: the "
+                             "operator computes plans itself and cannot read the image's "
+                             "revisions; use migrations.configMaps or migrations.path")
+        return self
 
 
 class ConditionStatus(StrEnum):
@@ -329,7 +381,7 @@ class LastSyncStatus(_Model):
     result: str = Field(description="Succeeded, Failed or Error.")
     trigger: str | None = Field(
         default=None, description="What started it: Create, Resume, Update, RunAt, "
-        "Interval or Reference.")
+        "Interval, Reference, Retry or Approval.")
     steps: list[StepStatus] = Field(default_factory=list, description="Per-step outcomes.")
 
 
@@ -367,6 +419,48 @@ class ActiveJobStatus(_Model):
     trigger: str | None = Field(default=None, description="What started the sync.")
 
 
+class PlanStatus(_Model):
+    """The plan waiting for approval; its SQL stays in the audit trail (the PLAN operation)."""
+
+    hash: str = Field(pattern=PLAN_HASH_PATTERN, description="The hash to approve.")
+    created_at: datetime = Field(description="When the plan was computed.")
+    expires_at: datetime | None = Field(
+        default=None, description="When the plan expires (createdAt plus approval.maxAge).")
+    generation: int | None = Field(
+        default=None, ge=0, description="The metadata.generation the plan was computed for.")
+    reason: str = Field(
+        description="Why it was published: ApprovalPending, PlanChanged or PlanExpired.")
+    sync_id: str | None = Field(
+        default=None, description="Sync id of the audit rows that hold the full plan.")
+    current_revision: str | None = Field(default=None, description="The target's revision.")
+    target_revision: str | None = Field(default=None,
+                                        description="The revision the sync would reach.")
+    downgrade: bool = Field(default=False, description="Whether the revisions run downwards.")
+    revisions: list[str] = Field(default_factory=list,
+                                 description="Ids of the pending revisions, in order.")
+    non_transactional: list[str] = Field(
+        default_factory=list, description="Pending revisions that run outside a transaction.")
+    schema_fingerprint: str = Field(
+        description="SHA-256 of the target's schema objects when the plan was computed.")
+    ledger_checks: list[str] = Field(default_factory=list,
+                                     description="Ledger checks the sync would run.")
+
+
+class ApprovalStatus(_Model):
+    """The last approval the operator acted on, and what became of it."""
+
+    plan_hash: str = Field(pattern=PLAN_HASH_PATTERN, description="The approved hash.")
+    source: str = Field(description="Spec (spec.approval.approvedPlan) or Annotation "
+                        "(dbsync.io/approved-plan).")
+    approver: str = Field(description="Who approved, as far as the operator can tell; the "
+                          "audit rows carry the same text.")
+    result: str = Field(description="Applied (the sync ran with the plan), Failed (it ran "
+                        "and failed), PlanChanged or PlanExpired (nothing applied).")
+    sync_id: str | None = Field(default=None,
+                                description="The sync that ran with the approval.")
+    handled_at: datetime = Field(description="When the operator acted on the approval.")
+
+
 class DatabaseSyncStatus(_Model):
     """What the operator observed; written only by the operator."""
 
@@ -383,6 +477,10 @@ class DatabaseSyncStatus(_Model):
     failures: int = Field(default=0, ge=0, description="Consecutive failed syncs.")
     active_job: ActiveJobStatus | None = Field(
         default=None, description="The sync Job running now, in job mode.")
+    plan: PlanStatus | None = Field(
+        default=None, description="The plan waiting for approval, with approval.mode Manual.")
+    last_approval: ApprovalStatus | None = Field(
+        default=None, description="The last approval the operator acted on.")
 
 
 def parse_spec(spec: dict[str, Any]) -> DatabaseSyncSpec:

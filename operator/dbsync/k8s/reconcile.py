@@ -22,10 +22,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from dbsync.k8s import events
+from dbsync.k8s import approval, events
+from dbsync.k8s.approval import ApprovalAction, ApprovalDecision
 from dbsync.k8s.conditions import Reason, now_utc
 from dbsync.k8s.credentials import ObjectReader, resolve_inputs
-from dbsync.k8s.executor import ChildOutcome, SyncExecutor
+from dbsync.k8s.executor import PLAN_COMMAND, ChildOutcome, SyncExecutor
 from dbsync.k8s.job_executor import ActiveJob, JobExecutor, JobOutcome
 from dbsync.k8s.models import RUN_AT_ANNOTATION, DatabaseSyncSpec, ExecutorKind, parse_spec
 from dbsync.k8s.status import (
@@ -59,6 +60,8 @@ class SyncOutcome:
     verdict: Verdict
     sync_id: str | None
     failures: int
+    # Whether the caller removes the approval annotations, before it writes the status.
+    clear_approval_annotations: bool = False
 
 
 def validation_message(error: ValidationError) -> str:
@@ -142,6 +145,8 @@ class Reconciler:
     job_executor: JobExecutor | None = None
     default_executor: ExecutorKind = ExecutorKind.PROCESS
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict, init=False)
+    # Per resource uid, the published plan (hash, createdAt) whose approval was acted on.
+    _acted_plans: dict[str, tuple[str, str]] = field(default_factory=dict, init=False)
 
     def lock_for(self, uid: str) -> asyncio.Lock:
         """Return the lock that keeps two syncs of one resource from overlapping."""
@@ -150,6 +155,22 @@ class Reconciler:
     def forget(self, uid: str) -> None:
         """Drop the lock of a deleted resource."""
         self._locks.pop(uid, None)
+        self._acted_plans.pop(uid, None)
+
+    def approval_acted_on(self, uid: str, plan: Mapping[str, Any]) -> bool:
+        """Return whether this process already acted on an approval of ``plan``.
+
+        A copy of the resource read before the caller's status write still shows the old
+        plan and its approval; this keeps it from starting a second run.
+        """
+        return self._acted_plans.get(uid) == (str(plan.get("hash")),
+                                              str(plan.get("createdAt")))
+
+    def _mark_acted(self, body: Mapping[str, Any]) -> None:
+        plan = approval.published_plan(body.get("status") or {})
+        uid = str((body.get("metadata") or {}).get("uid") or "")
+        if plan is not None:
+            self._acted_plans[uid] = (str(plan.get("hash")), str(plan.get("createdAt")))
 
     async def sync(self, body: Mapping[str, Any], *, trigger: Trigger,
                    run_migrations: bool = True) -> SyncOutcome:
@@ -186,6 +207,8 @@ class Reconciler:
         sync_id = active.sync_id if active is not None else str(uuid.uuid4())
         started_at = now_utc()
         job_outcome: JobOutcome | None = None
+        decision: ApprovalDecision | None = None
+        replan: ChildOutcome | None = None
         if use_job and trigger in _HANDLER_TRIGGERS and self.job_executor is not None:
             # After a restart kopf runs the interrupted handler and the resume handler; the
             # Job adopted by the first one is this generation's sync for both.
@@ -210,6 +233,17 @@ class Reconciler:
                     migrations_dir=inputs.migrations_dir, run_migrations=run_migrations,
                     sync_id=sync_id)
 
+                # With Manual approval nothing runs until the published plan is approved.
+                if approval.gate_applies(spec, run_migrations=run_migrations):
+                    decision = approval.decide(body, spec, trigger=trigger, now=now_utc())
+                    if decision.action is not ApprovalAction.APPLY:
+                        return await self._hold(body, spec, request, decision,
+                                                secrets=inputs.secrets, run_at=run_at)
+                    assert decision.approval is not None
+                    self._mark_acted(body)
+                    request["approved_plan"] = decision.approval.plan_hash
+                    request["approver"] = decision.approval.approver
+
                 events.post_event(
                     body, event_type=events.NORMAL,
                     reason=Reason.RECHECKING if not run_migrations else Reason.SYNCING,
@@ -226,10 +260,18 @@ class Reconciler:
                                                     timeout_seconds=spec.sync_timeout_seconds,
                                                     secrets=inputs.secrets)
 
+                # A stale approved plan applied nothing: publish the current one for review.
+                if decision is not None and _plan_changed(outcome.report):
+                    replan = await self._compute_plan(request, spec, secrets=inputs.secrets)
+
         verdict = judge(outcome, sync_id=sync_id, fail_on_drift=spec.diff.fail_on_drift,
                         timeout_seconds=spec.sync_timeout_seconds)
         if job_outcome is not None and job_outcome.verdict is not None:
             verdict = job_outcome.verdict
+        new_plan: dict[str, Any] | None = None
+        if decision is not None and verdict.reason == Reason.PLAN_CHANGED:
+            verdict, new_plan = _judge_plan_changed(verdict, replan, spec=spec,
+                                                    generation=generation)
         errored = verdict.kind in (VerdictKind.TRANSIENT, VerdictKind.PERMANENT)
         failures = failures_before + 1 if errored else 0
         verdict = escalate(verdict, failures=failures, backoff_limit=spec.backoff_limit)
@@ -243,13 +285,77 @@ class Reconciler:
         if use_job:
             # A JSON merge patch removes the field: no Job of this resource runs now.
             status["activeJob"] = None
+        consumed = False
+        if decision is not None and decision.approval is not None:
+            consumed = _record_approval(status, decision.approval, verdict=verdict,
+                                        new_plan=new_plan, sync_id=sync_id)
         self._record_metrics(namespace, str(metadata.get("name")), status, outcome.report,
                              verdict)
         events.post_event(body, event_type=verdict.event_type, reason=verdict.reason,
                           message=verdict.message)
         logger.info("sync %s of %s/%s finished: %s (%s)", sync_id, namespace,
                     metadata.get("name"), verdict.kind.value, verdict.reason)
-        return SyncOutcome(status=status, verdict=verdict, sync_id=sync_id, failures=failures)
+        return SyncOutcome(status=status, verdict=verdict, sync_id=sync_id, failures=failures,
+                           clear_approval_annotations=consumed)
+
+    async def _compute_plan(self, request: Mapping[str, Any], spec: DatabaseSyncSpec, *,
+                            secrets: tuple[str, ...]) -> ChildOutcome:
+        """Run ``dbsync plan`` with the sync's request; it records the plan in the audit trail."""
+        plan_request = {**request, "sync_id": str(uuid.uuid4()), "approved_plan": None,
+                        "approver": None}
+        return await self.executor.run(plan_request, timeout_seconds=spec.sync_timeout_seconds,
+                                       secrets=secrets, command=PLAN_COMMAND)
+
+    async def _hold(self, body: Mapping[str, Any], spec: DatabaseSyncSpec,
+                    request: Mapping[str, Any], decision: ApprovalDecision, *,
+                    secrets: tuple[str, ...], run_at: str | None) -> SyncOutcome:
+        """Keep waiting for approval, or publish a fresh plan and wait for its approval."""
+        metadata = body.get("metadata") or {}
+        previous = dict(body.get("status") or {})
+        generation = metadata.get("generation")
+        failures_before = int(previous.get("failures") or 0)
+        now = now_utc()
+        if decision.action is ApprovalAction.WAIT:
+            status = approval.waiting_status(previous, reason=decision.reason,
+                                             message=decision.message, generation=generation,
+                                             now=now, run_at=run_at)
+            return SyncOutcome(status=status, verdict=Verdict(
+                kind=VerdictKind.NOT_READY, reason=decision.reason, message=decision.message),
+                sync_id=None, failures=failures_before)
+
+        if decision.approval is not None:
+            self._mark_acted(body)
+        outcome = await self._compute_plan(request, spec, secrets=secrets)
+        summary = approval.plan_summary(outcome.report)
+        if summary is None or outcome.report is None:
+            failed = judge(outcome, sync_id=str(request.get("sync_id")), fail_on_drift=True,
+                           timeout_seconds=spec.sync_timeout_seconds)
+            verdict = escalate(Verdict(kind=VerdictKind.TRANSIENT, reason=failed.reason,
+                                       message=f"computing the plan failed: {failed.message}"),
+                               failures=failures_before + 1, backoff_limit=spec.backoff_limit)
+            return self._problem(body, previous, verdict, generation=generation, run_at=run_at)
+
+        plan = approval.plan_status(summary, sync_id=str(outcome.report.get("sync_id")),
+                                    generation=generation, reason=decision.reason,
+                                    max_age=spec.approval.max_age, now=now)
+        message = approval.waiting_message(str(metadata.get("name")), plan["hash"], plan)
+        if decision.reason != Reason.APPROVAL_PENDING:
+            message = f"{decision.message}; new {message}"
+        status = approval.waiting_status(previous, reason=decision.reason, message=message,
+                                         generation=generation, now=now, plan=plan,
+                                         run_at=run_at)
+        if decision.approval is not None:
+            status["lastApproval"] = approval.approval_record(
+                decision.approval, result=decision.reason, sync_id=None, now=now)
+        events.post_event(body, event_type=(events.NORMAL
+                                            if decision.reason == Reason.APPROVAL_PENDING
+                                            else events.WARNING),
+                          reason=decision.reason, message=message)
+        logger.info("plan %s of %s/%s published (%s)", plan["hash"], metadata.get("namespace"),
+                    metadata.get("name"), decision.reason)
+        verdict = Verdict(kind=VerdictKind.NOT_READY, reason=decision.reason, message=message)
+        return SyncOutcome(status=status, verdict=verdict, sync_id=None, failures=0,
+                           clear_approval_annotations=approval.has_approval_annotations(body))
 
     async def _run_job(self, body: Mapping[str, Any], spec: DatabaseSyncSpec,
                        request: dict[str, Any], *, sync_id: str, started_at: datetime,
@@ -303,3 +409,48 @@ class Reconciler:
                                          balanced=bool(ledger["balanced"]))
         if verdict.kind is VerdictKind.SUCCEEDED:
             _metrics.mark_success(namespace=namespace, name=name)
+
+
+def _plan_changed(report: Mapping[str, Any] | None) -> bool:
+    error = (report or {}).get("error") or {}
+    return bool(error.get("reason") == Reason.PLAN_CHANGED)
+
+
+def _judge_plan_changed(verdict: Verdict, replan: ChildOutcome | None, *,
+                        spec: DatabaseSyncSpec,
+                        generation: int | None) -> tuple[Verdict, dict[str, Any] | None]:
+    """Turn a PlanChanged failure into a wait for the new plan, or a retry to compute it."""
+    summary = approval.plan_summary(replan.report if replan is not None else None)
+    if replan is None or replan.report is None or summary is None:
+        detail = "no plan child ran"
+        if replan is not None:
+            detail = judge(replan, sync_id="plan", fail_on_drift=True,
+                           timeout_seconds=spec.sync_timeout_seconds).message
+        return Verdict(kind=VerdictKind.TRANSIENT, reason=Reason.PLAN_CHANGED,
+                       message=f"{verdict.message}; computing the new plan failed: {detail}"), None
+    plan = approval.plan_status(summary, sync_id=str(replan.report.get("sync_id")),
+                                generation=generation, reason=Reason.PLAN_CHANGED,
+                                max_age=spec.approval.max_age, now=now_utc())
+    message = f"{verdict.message}; new plan {plan['hash']} waits for approval"
+    return Verdict(kind=VerdictKind.NOT_READY, reason=Reason.PLAN_CHANGED, message=message), plan
+
+
+def _record_approval(status: dict[str, Any], used: approval.Approval, *, verdict: Verdict,
+                     new_plan: dict[str, Any] | None, sync_id: str) -> bool:
+    """Add the approval's outcome to ``status``; return whether the approval is used up.
+
+    A transient failure keeps the approval and the plan, so the retry runs with them.
+    """
+    if verdict.kind is VerdictKind.TRANSIENT and verdict.reason != Reason.PLAN_CHANGED:
+        return False
+    if verdict.reason == Reason.PLAN_CHANGED:
+        result = Reason.PLAN_CHANGED.value
+    elif verdict.kind is VerdictKind.PERMANENT:
+        result = "Failed"
+    else:
+        result = "Applied"
+    status["lastApproval"] = approval.approval_record(used, result=result, sync_id=sync_id,
+                                                      now=now_utc())
+    # A JSON merge patch null removes the plan that was applied or rejected.
+    status["plan"] = new_plan
+    return True

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from dbsync.k8s import approval
 from dbsync.k8s.conditions import ConditionType, Reason, find_condition, now_utc
 from dbsync.k8s.credentials import referenced_objects
 from dbsync.k8s.kubeclient import KubeApiError, KubeClient
@@ -233,11 +234,15 @@ class Scheduler:
         run_at = run_at_of(tracked.body)
         if run_at is not None and run_at != status.get("lastHandledRunAt"):
             return Trigger.RUN_AT, True
+        if approval.approval_due(tracked.body, spec):
+            plan = approval.published_plan(status) or {}
+            if not self.reconciler.approval_acted_on(tracked.uid, plan):
+                return Trigger.APPROVAL, True
         if tracked.retry_at is not None:
             if loop_now >= tracked.retry_at:
                 return Trigger.RETRY, tracked.retry_full
             return None
-        if spec.interval is None:
+        if spec.interval is None or approval.waiting_for_approval(tracked.body, spec):
             return None
         if _is_true(status, ConditionType.STALLED) or _is_true(status,
                                                                 ConditionType.RECONCILING):
@@ -267,6 +272,11 @@ class Scheduler:
                 return
             outcome = await self.reconciler.sync(written, trigger=trigger,
                                                  run_migrations=run_migrations)
+            if outcome.clear_approval_annotations:
+                # Before the status write, so no copy shows the new plan with an old approval.
+                await self.client.merge_patch(
+                    approval.resource_path(namespace, name),
+                    {"metadata": {"annotations": approval.cleared_annotations()}})
             written = await self.client.patch_database_sync_status(namespace, name,
                                                                    outcome.status)
             if written is not None and key in self._resources:

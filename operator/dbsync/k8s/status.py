@@ -52,6 +52,7 @@ class Trigger(StrEnum):
     INTERVAL = "Interval"
     REFERENCE = "Reference"
     RETRY = "Retry"
+    APPROVAL = "Approval"
 
 
 @dataclass(frozen=True, kw_only=True)
