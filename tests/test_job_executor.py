@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -40,6 +43,7 @@ from dbsync.pipeline.errors import ConfigurationError
 from dbsync.pipeline.request import resolve_environment_dsns
 from dbsync.pipeline.termination import (
     MAX_TERMINATION_MESSAGE_BYTES,
+    TERMINATION_MESSAGE_PATH_VARIABLE,
     report_from_termination_message,
     termination_message,
 )
@@ -250,6 +254,49 @@ def test_environment_and_dsn_together_rejected() -> None:
     with pytest.raises(ConfigurationError, match="both source_dsn and source_env"):
         resolve_environment_dsns({"source_dsn": "host=x",
                                   "source_env": {"uri_variable": "URI"}}, {"URI": "host=y"})
+
+
+# The pod side: dbsync run with --config-env and a termination message file.
+
+
+def run_in_pod(request: dict[str, Any], environ: dict[str, str],
+               tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
+    message_file = tmp_path / "termination-log"
+    completed = subprocess.run(
+        [sys.executable, "-m", "dbsync.cli.main", "run", "--config-env", REQUEST_VARIABLE,
+         "--output", "json"],
+        env={**os.environ, **environ, REQUEST_VARIABLE: json.dumps(request),
+             TERMINATION_MESSAGE_PATH_VARIABLE: str(message_file)},
+        capture_output=True, text=True, timeout=120, check=False)
+    return completed, message_file
+
+
+def test_pod_run_writes_summary(make_database: Callable[[str], str], tmp_path: Path) -> None:
+    """dbsync run builds DSNs from variables and writes its summary to the message file."""
+    source, target = make_database("podsrc"), make_database("podtgt")
+    request = {"source_env": {"uri_variable": "SOURCE"}, "target_env": {"uri_variable": "TARGET"},
+               "sync_id": SYNC_ID}
+
+    completed, message_file = run_in_pod(request, {"SOURCE": source, "TARGET": target},
+                                         tmp_path)
+    summary = json.loads(message_file.read_text(encoding="utf-8"))
+
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert summary["sync_id"] == SYNC_ID
+    assert summary["result"] == "Succeeded"
+    assert [step["name"] for step in summary["steps"]] == [
+        step["name"] for step in json.loads(completed.stdout)["steps"]]
+
+
+def test_pod_run_reports_missing_variable(tmp_path: Path) -> None:
+    request = {"source_env": {"uri_variable": "SOURCE"}, "target_env": {"uri_variable": "TARGET"}}
+
+    completed, message_file = run_in_pod(request, {}, tmp_path)
+    summary = json.loads(message_file.read_text(encoding="utf-8"))
+
+    assert completed.returncode == 2
+    assert summary["error"]["reason"] == "InvalidSpec"
+    assert "SOURCE" in summary["error"]["message"]
 
 
 # The emulator's kubelet.

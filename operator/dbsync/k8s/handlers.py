@@ -117,8 +117,10 @@ async def start_operator(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.loggers = False
 
     options = _OPTIONS
+    # With Jobs by default, a spare child would sit idle for the few process-mode resources.
     executor = SyncExecutor(max_concurrent_syncs=options.max_concurrent_syncs,
-                            prestart=options.prestart_children)
+                            prestart=options.prestart_children
+                            and options.executor is ExecutorKind.PROCESS)
     client = KubeClient()
     reconciler = Reconciler(executor=executor, reader=client,
                             job_executor=JobExecutor(client=client,
