@@ -19,6 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from dbsync.k8s.demo import condition_of
 from dbsync.pipeline.dsn import connect
@@ -62,7 +63,7 @@ class Dedicated:
     def new_target(self) -> str:
         name = f"fault_{time.monotonic_ns()}"
         with psycopg.connect(self.server.dsn(), autocommit=True) as connection:
-            connection.execute(f'CREATE DATABASE "{name}"')  # noqa: S608 - generated name
+            connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return self.server.dsn(name)
 
 
