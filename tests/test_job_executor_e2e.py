@@ -327,3 +327,26 @@ def test_restarted_operator_adopts_running_job(cluster: JobCluster) -> None:
     assert resource["status"]["lastSync"]["syncId"] == active["syncId"]
     assert alembic_versions(target) == ["0001_pause"]
     assert _revision_runs(target, "0001_pause") == 1
+
+
+def test_revisions_copied_from_application_image(cluster: JobCluster,
+                                                 tmp_path: Path) -> None:
+    """An init container copies the revision directory out of migrations.image."""
+    # The kubelet runs containers on this machine, so a local directory is the image's path.
+    image_path = tmp_path / "app" / "migrations"
+    image_path.mkdir(parents=True)
+    (image_path / "0001_copied.py").write_text(
+        revision("0001_copied", sleep_seconds=0, table="copied_table"), encoding="utf-8")
+    target = cluster.new_target()
+    cluster.apply_secret("copy-target-db", {"uri": target})
+    cluster.apply_noop_sync("job-copy", target_secret="copy-target-db", changes={
+        "migrations": {"image": "registry.example.com/payments-app:1.0",
+                       "path": str(image_path)},
+        "diff": {"failOnDrift": False}})
+
+    cluster.wait_condition("job-copy", "Ready", "True", timeout_seconds=60)
+    pod = cluster.jobs_of("job-copy")[0]["spec"]["template"]["spec"]
+
+    assert alembic_versions(target) == ["0001_copied"]
+    assert pod["initContainers"][0]["image"] == "registry.example.com/payments-app:1.0"
+    assert pod["containers"][0]["image"] != "registry.example.com/payments-app:1.0"
