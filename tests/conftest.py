@@ -10,6 +10,17 @@ import pytest
 from dbsync.testing.servers import TestServer, test_server
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses the session's PostgreSQL server with ``database``.
+
+    CI's second run, on PostgreSQL 15, selects these with ``-m database``: the other tests
+    do not touch that server, so running them twice would prove nothing new.
+    """
+    for item in items:
+        if "pg" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.database)
+
+
 @pytest.fixture(scope="session")
 def pg() -> Iterator[TestServer]:
     """The session's PostgreSQL server (local throwaway, or DBSYNC_TEST_DSN)."""
