@@ -19,14 +19,14 @@ import psycopg
 import yaml
 
 from dbsync.k8s.demo import EXAMPLES_K8S, condition_of
+from tests import test_operator_e2e
 from tests.dbtools import alembic_versions, execute
-from tests.test_operator_e2e import (  # noqa: F401  (fixtures used by name)
-    NAMESPACE,
-    Cluster,
-    cluster,
-    no_dropped_status_fields,
-    pytestmark,
-)
+from tests.test_operator_e2e import NAMESPACE, Cluster
+
+# The operator module's fixtures and marks, served by a separate operator for this module.
+pytestmark = test_operator_e2e.pytestmark
+cluster = test_operator_e2e.cluster
+no_dropped_status_fields = test_operator_e2e.no_dropped_status_fields
 
 EXAMPLE_REVISIONS = ["0001_accounts", "0002_transactions", "0003_postings",
                      "0004_currency", "0005_checks_index", "0006_txn_status"]
