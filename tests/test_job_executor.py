@@ -431,20 +431,19 @@ def downgrade() -> None:
 '''
 
 
-def test_deleted_job_gives_job_deleted(cluster: tuple[KubeApiServer, Kubelet], tmp_path: Path,
+def test_deleted_job_gives_job_deleted(cluster: tuple[KubeApiServer, Kubelet],
                                        make_database: Callable[[str], str]) -> None:
     """Deleting a running sync Job ends the wait with JobDeleted and kills its process."""
     server, _ = cluster
     crd = yaml.safe_load((ROOT / "crds" / "databasesync.yaml").read_text("utf-8"))
     send(server, "POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
-    migrations = tmp_path / "revisions"
-    migrations.mkdir()
-    (migrations / "0001_sleep.py").write_text(SLOW_REVISION, encoding="utf-8")
+    send(server, "POST", "/api/v1/namespaces/default/configmaps", {
+        "metadata": {"name": "slow"}, "data": {"0001_sleep.py": SLOW_REVISION}})
     send(server, "POST", "/api/v1/namespaces/default/secrets", {
         "metadata": {"name": "dbs"}, "stringData": {"uri": make_database("jobdel")}})
     reference = {"uriFrom": {"secretKeyRef": {"name": "dbs", "key": "uri"}}}
     spec = {"source": reference, "target": reference, "executor": "job",
-            "migrations": {"path": str(migrations)}}
+            "migrations": {"configMaps": [{"name": "slow"}]}}
     deadline = time.monotonic() + 10
     while True:
         try:
@@ -486,6 +485,11 @@ def test_deleted_job_gives_job_deleted(cluster: tuple[KubeApiServer, Kubelet], t
     outcome = asyncio.run(run_sync())
     deleter.join(timeout=30)
     stored = server.get_object("dbsync.io", "v1alpha1", "databasesyncs", "default", "deleted")
+
+    # The kubelet stops the process (SIGTERM, then SIGKILL) before it deletes the pod.
+    pods_deadline = time.monotonic() + 10
+    while pods_of(server, name) and time.monotonic() < pods_deadline:
+        time.sleep(0.1)
 
     assert outcome.verdict is not None
     assert outcome.verdict.reason == Reason.JOB_DELETED

@@ -17,7 +17,8 @@ Differences from a node, on purpose:
 - Volumes (``emptyDir``, ``configMap``, ``secret`` and ``projected`` ConfigMap/Secret
   sources) become directories under the kubelet's work directory.  Path mapping: every
   ``mountPath`` and the ``terminationMessagePath`` that appear in the container's command,
-  arguments and environment values are rewritten to those local paths.
+  arguments and environment values are rewritten to those local paths.  So a local file
+  standing for the image's content must not lie under a mounted directory such as ``/tmp``.
 - Environment: ``value``, ``valueFrom.secretKeyRef`` and ``valueFrom.configMapKeyRef``; a
   missing Secret or ConfigMap key leaves the container waiting with
   ``CreateContainerConfigError``.  Only PATH is inherited from the test process.
