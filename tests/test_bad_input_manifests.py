@@ -64,7 +64,7 @@ def cluster(pg: TestServer, target: str,
     """An operator with the Secrets and ConfigMaps that the corpus refers to."""
     workdir = tmp_path_factory.mktemp("bad-manifests")
     source_name = pg.create_database("badk8ssrc")
-    with operator_cluster(workdir) as running:
+    with operator_cluster(workdir, operator_arguments=("--max-concurrent-syncs", "4")) as running:
         running.apply_secret("bad-source-db", {"uri": pg.dsn(source_name)})
         running.apply_secret("bad-target-db", {"uri": target, "password": "unused"})
         running.apply_secret("bad-garbage-db", {"uri": "not a uri'; DROP TABLE sentinel; --"})

@@ -27,9 +27,9 @@ from dbsync.testing.kubeapi.schema import prepare
 from dbsync.testing.servers import TestServer
 
 SCHEMA: dict[str, Any] = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-MODEL_SETTINGS = settings(max_examples=60, deadline=None,
+MODEL_SETTINGS = settings(max_examples=30, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
-DATABASE_SETTINGS = settings(max_examples=25, deadline=None,
+DATABASE_SETTINGS = settings(max_examples=12, deadline=None,
                              suppress_health_check=[HealthCheck.too_slow,
                                                     HealthCheck.function_scoped_fixture])
 

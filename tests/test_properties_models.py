@@ -21,7 +21,7 @@ from dbsync.k8s.models import DatabaseSyncSpec
 from dbsync.testing.kubeapi.schema import prepare
 
 SCHEMA: dict[str, Any] = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-PROPERTY_SETTINGS = settings(max_examples=60, deadline=None,
+PROPERTY_SETTINGS = settings(max_examples=30, deadline=None,
                              suppress_health_check=[HealthCheck.too_slow])
 
 _LABEL = st.from_regex(r"\A[a-z0-9]([-a-z0-9]{0,20}[a-z0-9])?\Z")

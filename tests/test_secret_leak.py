@@ -244,3 +244,52 @@ def test_operator_artifacts_hold_no_canary(pg: TestServer,
     assert texts["audit"] != ""
     assert hits == dict.fromkeys(texts, 0)
     cluster.assert_no_dropped_status_fields()
+
+
+@pytest.mark.kubectl
+@pytest.mark.slow
+def test_job_executor_artifacts_hold_no_canary(pg: TestServer,
+                                               canary_databases: Callable[[str], str],
+                                               gated: dict[str, Path],
+                                               tmp_path: Path) -> None:
+    """In Job mode, Job specs, pod output and everything else hold no canary either."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("needs the kubectl binary")
+    source = _with_canary_role(pg.admin_dsn, canary_databases("leakjsrc"))
+    targets = {name: canary_databases("leakj") for name in ("ok", "failing")}
+    with operator_cluster(tmp_path, kubelet=True, operator_arguments=(
+            "--executor", "job", "--no-prestart")) as cluster:
+        cluster.apply_secret("leak-source", {"uri": source})
+        for name, database in targets.items():
+            cluster.apply_secret(f"leak-{name}",
+                                 {"uri": _with_canary_role(pg.admin_dsn, database)})
+        cluster.apply(configmap_of_directory("leak-good", gated["good"]),
+                      configmap_of_directory("leak-failing", gated["failing"]))
+        cluster.apply(
+            sync_manifest("job-ok", source_secret="leak-source", target_secret="leak-ok",
+                          migrations={"configMaps": [{"name": "leak-good"}]},
+                          diff={"failOnDrift": False}),
+            sync_manifest("job-failing", source_secret="leak-source",
+                          target_secret="leak-failing",
+                          migrations={"configMaps": [{"name": "leak-failing"}]}))
+        cluster.wait_condition("job-ok", "Ready", "True", timeout_seconds=120)
+        cluster.wait_condition("job-failing", "Stalled", "True", timeout_seconds=120)
+        jobs = cluster.kubectl.get_json("jobs")
+        texts = {
+            "operator logs": cluster.operator_logs(),
+            "resources": json.dumps(cluster.kubectl.get_json("databasesyncs")),
+            "events": json.dumps(cluster.events()),
+            "jobs": json.dumps(jobs),
+            "pods": json.dumps(cluster.kubectl.get_json("pods")),
+            "pod output": "\n".join(path.read_text("utf-8", errors="replace") for path in
+                                    sorted((tmp_path / "kubelet").rglob("output.log"))),
+            "audit": "\n".join(_audit_text(pg.dsn(name)) for name in targets.values()),
+        }
+        cluster.assert_no_dropped_status_fields()
+    hits = {area: _canary_hits(text) for area, text in texts.items()}
+    record_figure("secret-leak", {"area": "job executor", "texts_searched": len(texts),
+                                  "canary_hits": sum(hits.values())})
+
+    assert jobs["items"] != []
+    assert texts["pod output"] != ""
+    assert hits == dict.fromkeys(texts, 0)

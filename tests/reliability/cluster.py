@@ -7,6 +7,7 @@ collect everything the operator and its sync children printed for the secret-lea
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -28,6 +29,7 @@ from dbsync.k8s.demo import (
     wait_for,
 )
 from dbsync.testing.kubeapi import KubeApiServer, running_apiserver
+from dbsync.testing.kubeapi.kubelet import enable_kubelet
 
 NAMESPACE = "default"
 
@@ -175,10 +177,15 @@ class OperatorCluster:
 
 @contextmanager
 def operator_cluster(workdir: Path, *, operator_arguments: tuple[str, ...] = (),
-                     start: bool = True) -> Iterator[OperatorCluster]:
-    """Run the emulator with the CRD applied and, when ``start``, an operator process."""
+                     start: bool = True, kubelet: bool = False) -> Iterator[OperatorCluster]:
+    """Run the emulator with the CRD applied and, when ``start``, an operator process.
+
+    With ``kubelet`` the emulator runs each Job's pod as a local process, logging under
+    ``workdir/kubelet`` (for ``--executor job``).
+    """
     arguments = ("--retry-base-seconds", "0.5", "--retry-max-seconds", "2", *operator_arguments)
     with running_apiserver(kubeconfig_path=workdir / "kubeconfig") as api:
+        runner = enable_kubelet(api, workdir=workdir / "kubelet") if kubelet else None
         kubectl = Kubectl(kubeconfig=workdir / "kubeconfig")
         kubectl.apply(CRD_PATH)
         cluster = OperatorCluster(api=api, kubectl=kubectl, workdir=workdir,
@@ -189,6 +196,8 @@ def operator_cluster(workdir: Path, *, operator_arguments: tuple[str, ...] = (),
             yield cluster
         finally:
             cluster.stop_operator()
+            if runner is not None and api.loop is not None:
+                asyncio.run_coroutine_threadsafe(runner.close(), api.loop).result(timeout=30)
 
 
 def ready_reason(resource: dict[str, Any]) -> tuple[str | None, str | None]:

@@ -136,6 +136,7 @@ def test_server_restart_mid_sync_is_transient_and_recovers(dedicated: Dedicated,
     assert "IN_PROGRESS" not in statuses
 
 
+@pytest.mark.slow
 def test_reset_connection_mid_sync_is_transient(dedicated: Dedicated, tmp_path: Path) -> None:
     """A connection reset under a running sync fails it as transient; the next run succeeds."""
     target = dedicated.new_target()

@@ -71,7 +71,7 @@ class KillMoment:
 MOMENTS = [
     KillMoment("lock-wait", "all", hold_sync_lock=True, slow=True),
     KillMoment("all-in-first-revision", "all", gate=1, slow=True),
-    KillMoment("all-in-last-revision", "all", gate=5),
+    KillMoment("all-in-last-revision", "all", gate=5, slow=True),
     KillMoment("all-audit-insert-mid-transaction", "all", gate=3, block_audit_after_gate=True,
                slow=True),
     KillMoment("all-audit-insert-at-commit", "all", gate=5, block_audit_after_gate=True,
