@@ -84,12 +84,16 @@ def test_annotation_with_plan_hash_applies() -> None:
     assert decision.approval.plan_hash == PLAN_HASH
 
 
-def test_annotation_with_other_hash_does_not_apply() -> None:
+def test_annotation_with_other_hash_is_rejected() -> None:
+    """An annotation naming another hash applies nothing and is removed."""
     body = _body(plan=_plan(), annotations={"dbsync.io/approved-plan": OTHER_HASH})
 
-    assert approval.decide(body, _spec(), trigger=Trigger.APPROVAL,
-                           now=NOW).action is ApprovalAction.WAIT
-    assert not approval.approval_due(body, _spec())
+    decision = approval.decide(body, _spec(), trigger=Trigger.APPROVAL, now=NOW)
+
+    assert approval.approval_due(body, _spec())
+    assert decision.action is ApprovalAction.WAIT
+    assert decision.reject_annotation
+    assert OTHER_HASH in decision.message
 
 
 def test_malformed_annotation_is_ignored() -> None:

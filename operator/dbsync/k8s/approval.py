@@ -90,6 +90,8 @@ class ApprovalDecision:
     reason: str
     message: str
     approval: Approval | None = None
+    # Whether a waiting resource drops an approval annotation that does not match its plan.
+    reject_annotation: bool = False
 
 
 def gate_applies(spec: DatabaseSyncSpec, *, run_migrations: bool) -> bool:
@@ -253,16 +255,29 @@ def decide(body: Mapping[str, Any], spec: DatabaseSyncSpec, *, trigger: Trigger,
     reason = str(plan.get("reason") or Reason.APPROVAL_PENDING)
     if reason not in WAITING_REASONS:
         reason = Reason.APPROVAL_PENDING
-    return ApprovalDecision(action=ApprovalAction.WAIT, reason=reason,
-                            message=waiting_message(name, plan_hash, plan))
+    message = waiting_message(name, plan_hash, plan)
+
+    # An annotation naming another hash was meant for another plan, or mistyped: say so
+    # and remove it, so it can never approve a later plan that happens to have that hash.
+    other = _annotations(body).get(APPROVED_PLAN_ANNOTATION)
+    if other is not None:
+        shown = _printable(str(other))[:80]
+        return ApprovalDecision(
+            action=ApprovalAction.WAIT, reason=reason, reject_annotation=True,
+            message=(f"the {APPROVED_PLAN_ANNOTATION} annotation {shown!r} is not the hash of "
+                     f"the published plan, so it was removed; {message}"))
+    return ApprovalDecision(action=ApprovalAction.WAIT, reason=reason, message=message)
 
 
 def approval_due(body: Mapping[str, Any], spec: DatabaseSyncSpec | None) -> bool:
-    """Return whether an approval of the published plan waits to be acted on."""
+    """Return whether an approval of the published plan, or a wrong one, waits to be handled."""
     if spec is None or spec.approval.mode is not ApprovalMode.MANUAL:
         return False
     plan = published_plan(body.get("status") or {})
-    return plan is not None and matching_approval(body, spec, plan) is not None
+    if plan is None:
+        return False
+    return (matching_approval(body, spec, plan) is not None
+            or APPROVED_PLAN_ANNOTATION in _annotations(body))
 
 
 def waiting_for_approval(body: Mapping[str, Any], spec: DatabaseSyncSpec | None) -> bool:

@@ -319,9 +319,15 @@ class Reconciler:
             status = approval.waiting_status(previous, reason=decision.reason,
                                              message=decision.message, generation=generation,
                                              now=now, run_at=run_at)
+            if decision.reject_annotation:
+                events.post_event(body, event_type=events.WARNING, reason=decision.reason,
+                                  message=decision.message)
+                logger.warning("approval annotation of %s/%s does not match its plan; removed",
+                               metadata.get("namespace"), metadata.get("name"))
             return SyncOutcome(status=status, verdict=Verdict(
                 kind=VerdictKind.NOT_READY, reason=decision.reason, message=decision.message),
-                sync_id=None, failures=failures_before)
+                sync_id=None, failures=failures_before,
+                clear_approval_annotations=decision.reject_annotation)
 
         if decision.approval is not None:
             self._mark_acted(body)
