@@ -216,6 +216,12 @@ class Reconciler:
         if job_outcome is not None:
             sync_id = job_outcome.sync_id
             outcome = job_outcome.outcome
+
+            # An adopted Job started with the approval still in place, so record its use.
+            if approval.gate_applies(spec, run_migrations=run_migrations):
+                adopted = approval.decide(body, spec, trigger=trigger, now=now_utc())
+                if adopted.action is ApprovalAction.APPLY:
+                    decision = adopted
         else:
             with _private_directory() as workdir:
                 try:
