@@ -59,14 +59,14 @@ WAITING_REASONS = frozenset({Reason.APPROVAL_PENDING, Reason.PLAN_CHANGED,
 
 
 class ApprovalSource(StrEnum):
-    """Where the approving hash was found."""
+    """Origin of the approving hash."""
 
     SPEC = "Spec"
     ANNOTATION = "Annotation"
 
 
 class ApprovalAction(StrEnum):
-    """What a full sync of a Manual resource does now."""
+    """Next step of a full sync of a Manual resource."""
 
     PUBLISH = "Publish"
     WAIT = "Wait"
@@ -105,7 +105,7 @@ def gate_applies(spec: DatabaseSyncSpec, *, run_migrations: bool) -> bool:
 
 
 def published_plan(status: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """Return ``status.plan`` when it holds a plan hash, else None."""
+    """Return ``status.plan`` when it contains a plan hash, else None."""
     plan = status.get("plan")
     if isinstance(plan, Mapping) and isinstance(plan.get("hash"), str):
         return plan
@@ -148,10 +148,10 @@ def _owns_path(fields: Any, path: Sequence[str]) -> bool:
 def approver_of(body: Mapping[str, Any], source: ApprovalSource) -> str:
     """Return who approved, as far as the resource shows it, for the audit trail.
 
-    In order: the ``dbsync.io/approved-by`` annotation (written by the client, so only an
-    admission webhook that stamps the authenticated user makes it trustworthy); the field
-    manager and operation that last wrote the approving field, from ``managedFields``;
-    ``unknown``.  The text names which of these it came from.
+    The first found of: the ``dbsync.io/approved-by`` annotation, the field manager and
+    operation that last wrote the approving field (from ``managedFields``), or ``unknown``.
+    The annotation is written by the client, so only an admission webhook that stamps the
+    authenticated user makes it trustworthy.  The text names which source it came from.
     """
     named = _annotations(body).get(APPROVED_BY_ANNOTATION)
     if isinstance(named, str) and _printable(named):
@@ -257,15 +257,15 @@ def decide(body: Mapping[str, Any], spec: DatabaseSyncSpec, *, trigger: Trigger,
         reason = Reason.APPROVAL_PENDING
     message = waiting_message(name, plan_hash, plan)
 
-    # An annotation naming another hash was meant for another plan, or mistyped: say so
+    # An annotation naming another hash was meant for another plan, or mistyped.  Report
     # and remove it, so it can never approve a later plan that happens to have that hash.
     other = _annotations(body).get(APPROVED_PLAN_ANNOTATION)
     if other is not None:
-        shown = _printable(str(other))[:80]
+        rejected_value = _printable(str(other))[:80]
         return ApprovalDecision(
             action=ApprovalAction.WAIT, reason=reason, reject_annotation=True,
-            message=(f"the {APPROVED_PLAN_ANNOTATION} annotation {shown!r} is not the hash of "
-                     f"the published plan, so it was removed; {message}"))
+            message=(f"the {APPROVED_PLAN_ANNOTATION} annotation {rejected_value!r} is not the "
+                     f"hash of the published plan, so it was removed; {message}"))
     return ApprovalDecision(action=ApprovalAction.WAIT, reason=reason, message=message)
 
 

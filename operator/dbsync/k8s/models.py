@@ -252,7 +252,7 @@ class ApprovalMode(StrEnum):
 
 
 class ApprovalSpec(_Model):
-    """How plans are approved before a sync changes the target."""
+    """Approval policy for the plans of syncs that change the target."""
 
     mode: ApprovalMode = Field(
         default=ApprovalMode.AUTO,

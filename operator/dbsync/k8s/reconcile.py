@@ -161,7 +161,7 @@ class Reconciler:
         """Return whether this process already acted on an approval of ``plan``.
 
         A copy of the resource read before the caller's status write still shows the old
-        plan and its approval; this keeps it from starting a second run.
+        plan and its approval.  This check keeps such a copy from starting a second run.
         """
         return self._acted_plans.get(uid) == (str(plan.get("hash")),
                                               str(plan.get("createdAt")))
