@@ -163,6 +163,42 @@ def test_reset_connection_mid_sync_is_transient(dedicated: Dedicated, tmp_path: 
     assert applied_revision(target) == HEAD
 
 
+@pytest.mark.slow
+def test_hung_connection_ends_the_cli_run(dedicated: Dedicated, tmp_path: Path) -> None:
+    """A connection that stops answering ends `dbsync run` as transient; the next run succeeds.
+
+    Keepalives cannot see this fault (the proxy's kernel answers them), so the bound is the
+    connection's silence probe: after three connect timeouts without a byte, a second
+    connection through the same hung path fails within one more connect timeout.
+    """
+    target = dedicated.new_target()
+    with FaultProxy(upstream_port=dedicated.server.port) as proxy:
+        gate = _hold_gate(target)
+        output = tmp_path / "child.out"
+        request = {**_request(dedicated, proxy.dsn_for(target)), "connect_timeout_seconds": 2}
+        child = start_run(request, output_path=output)
+        wait_until(lambda: session_waiting_on(target, f"reliability gate {GATE} "),
+                   timeout_seconds=60, description="the sync parked at the gate")
+        hung_at = time.monotonic()
+        proxy.hang()
+        exit_code = child.wait(timeout=120)
+        bounded_after = time.monotonic() - hung_at
+        proxy.resume()
+        gate.close()
+        report = _report_of(output)
+        following = run_to_end(_request(dedicated, proxy.dsn_for(target)))
+    record_figure("database-faults", {"fault": "hung connection under dbsync run",
+                                      "bounded_after_seconds": round(bounded_after, 1),
+                                      "transient": (report.get("error") or {}).get("transient"),
+                                      "recovered": following.exit_code == 0})
+
+    assert exit_code != 0
+    assert report["error"]["transient"] is True, report.get("error")
+    assert "no reply from" in output.read_text("utf-8", errors="replace")
+    assert following.exit_code == 0, following.stdout + following.stderr
+    assert applied_revision(target) == HEAD
+
+
 def test_connections_carry_keepalive_parameters(dedicated: Dedicated) -> None:
     """dsn.connect sets libpq keepalives, and a DSN's own value wins."""
     with connect(dedicated.source, role="target") as connection:
