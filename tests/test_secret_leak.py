@@ -165,7 +165,7 @@ def test_cli_output_and_audit_hold_no_canary(pg: TestServer,
     ]
     audit = _audit_text(target)
     cli_hits = sum(_canary_hits(output) for output in outputs)
-    record_figure("secret-leak", {"area": "cli", "texts_searched": len(outputs) + 1,
+    record_figure("secret-leak", {"scope": "cli", "texts_searched": len(outputs) + 1,
                                   "canary_hits": cli_hits + _canary_hits(audit)})
 
     assert "r05" in outputs[0]
@@ -237,7 +237,7 @@ def test_operator_artifacts_hold_no_canary(pg: TestServer,
         "audit": "\n".join(_audit_text(pg.dsn(name)) for name in targets.values()),
     }
     hits = {area: _canary_hits(text) for area, text in texts.items()}
-    record_figure("secret-leak", {"area": "operator", "texts_searched": len(texts),
+    record_figure("secret-leak", {"scope": "operator", "texts_searched": len(texts),
                                   "canary_hits": sum(hits.values())})
 
     assert hostform != {}
@@ -287,7 +287,7 @@ def test_job_executor_artifacts_hold_no_canary(pg: TestServer,
         }
         cluster.assert_no_dropped_status_fields()
     hits = {area: _canary_hits(text) for area, text in texts.items()}
-    record_figure("secret-leak", {"area": "job executor", "texts_searched": len(texts),
+    record_figure("secret-leak", {"scope": "job executor", "texts_searched": len(texts),
                                   "canary_hits": sum(hits.values())})
 
     assert jobs["items"] != []

@@ -263,4 +263,4 @@ def record_figure(area: str, figures: dict[str, Any]) -> None:
     if not location:
         return
     with open(location, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps({"area": area, **figures}) + "\n")
+        handle.write(json.dumps({**figures, "area": area}) + "\n")

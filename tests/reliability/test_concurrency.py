@@ -123,6 +123,7 @@ def _fan_in(cluster: OperatorCluster, *, pg: TestServer, source: str, migrations
         "failures": sum(int(resource["status"].get("failures", 0)) for resource in finished),
         "lost_status": lost_status,
         "warnings": len(warnings),
+        "warning_reasons": sorted({str(event.get("reason")) for event in warnings}),
         "revision_successes": [_revision_successes(pg.dsn(name)) for name in names],
         "checksums": [checksum_revisions_any(pg.dsn(name)) for name in names],
         "elapsed_seconds": round(elapsed, 1),
@@ -160,7 +161,7 @@ def test_resources_sharing_targets_apply_each_revision_once(
     assert findings["ready"] == resources
     assert findings["failures"] == 0
     assert findings["lost_status"] == []
-    assert findings["warnings"] == 0
+    assert findings["warnings"] == 0, findings["warning_reasons"]
     assert findings["revision_successes"] == [dict.fromkeys(EVERY_REVISION, 1)] * databases
     assert findings["checksums"] == [EVERY_REVISION] * databases
 
