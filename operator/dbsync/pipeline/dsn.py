@@ -37,7 +37,7 @@ _WAIT_INTERVAL_SECONDS = 0.1
 
 logger = logging.getLogger("dbsync.dsn")
 
-# libpq connection parameters: probe after 30 s idle, every 10 s, give up after 3 misses;
+# libpq connection parameters: probe after 30 s idle, every 10 s, and give up after 3 misses.
 # tcp_user_timeout (ms) bounds how long sent data may stay unacknowledged.
 _KEEPALIVE_PARAMETERS = {
     "keepalives": "1",
@@ -136,8 +136,8 @@ def connect(
     """Open a connection to ``dsn``, turning every failure into a redacted, named error."""
     params = parse(dsn, role=role)
     # TCP keepalives end a connection whose peer has gone silent (a dead host or a network
-    # partition) after about 60 s, where the OS default waits two hours; libpq ignores them
-    # on Unix sockets. A DSN's own values win.
+    # partition) after about 60 s, where the OS default waits two hours. libpq ignores them
+    # on Unix sockets, and a DSN's own values win.
     keepalives = {key: value for key, value in _KEEPALIVE_PARAMETERS.items()
                   if key not in params}
     conninfo = make_conninfo(
@@ -165,7 +165,7 @@ class WatchedConnection(psycopg.Connection[TupleRow]):
     (up to its statement_timeout), and a peer that keeps TCP alive but forwards nothing (a
     stuck proxy or load balancer) looks the same to keepalives. So after
     ``probe_after_seconds`` without a byte from the server, the connection opens a second
-    one and asks ``pg_stat_activity`` about its own backend. A backend that is still
+    one and reads its own backend's state from ``pg_stat_activity``. A backend that is still
     active keeps the wait going. One that is idle or gone, or a server that cannot be
     reached within the connect timeout, ends the wait with an OperationalError, which the
     runner treats as transient.
