@@ -1,6 +1,6 @@
 """Shared pieces of the reliability scenarios: gated revisions, `dbsync run` children, probes.
 
-A gated revision blocks on an advisory lock that the test holds (a gate), so a test knows
+A gated revision blocks on an advisory lock that the test holds (a gate), so a test can tell
 exactly which statement a sync is executing before it kills the process. The probes read
 ``pg_stat_activity``, ``pg_locks``, the application's ``alembic_version`` and dbsync's audit
 view on sessions whose ``application_name`` is :data:`PROBE_APPLICATION`, so they never count
