@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import uuid
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -12,10 +14,16 @@ from dbsync.cli.run_command import (
     add_request_arguments,
     request_from_arguments,
     request_from_config,
+    request_from_environment,
     validation_message,
 )
 from dbsync.pipeline import logs
-from dbsync.pipeline.errors import EXIT_OK, ConfigurationError
+from dbsync.pipeline.errors import EXIT_OK, ConfigurationError, DbsyncError
+from dbsync.pipeline.report import usage_error_report
+
+if TYPE_CHECKING:
+    from dbsync.pipeline.plan import SyncPlan
+    from dbsync.pipeline.request import SyncRequest
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,11 +37,62 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "while the plan still has that hash.",
     )
     add_request_arguments(parser)
+    parser.add_argument("--config-env", metavar="VARIABLE",
+                        help="read the whole request as JSON from this environment variable "
+                        "(how a plan Job's pod gets it); other options are then ignored")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Compute, record and print the plan."""
+    from dbsync.pipeline.termination import (
+        write_plan_termination_message,
+        write_termination_message,
+    )
+
+    logs.configure(json_output=True if args.output == "json" else None)
+    sync_id = uuid.uuid4()
+    try:
+        request = _request(args)
+        sync_id = request.sync_id or sync_id
+        plan = _record_plan(request, sync_id)
+    except DbsyncError as error:
+        # In a plan Job's pod the operator reads the outcome from the termination message.
+        write_termination_message(usage_error_report(
+            sync_id=str(sync_id), trace_id=sync_id.hex, dry_run="plan", reason=error.reason,
+            message=str(error), transient=error.transient).to_dict())
+        raise
+
+    write_plan_termination_message(sync_id=str(sync_id), summary=plan.summary())
+    if args.output == "json":
+        print(json.dumps({"sync_id": str(sync_id), **plan.to_dict(),
+                          "summary": plan.summary()}, indent=2))
+    else:
+        print(plan.render_text())
+    return EXIT_OK
+
+
+def _request(args: argparse.Namespace) -> SyncRequest:
+    """Read the request from --config, --config-env or the options, and validate it."""
+    from dbsync.pipeline.request import SyncRequest, resolve_environment_dsns
+
+    if args.config:
+        fields = request_from_config(args.config)
+    elif getattr(args, "config_env", None):
+        fields = request_from_environment(args.config_env)
+    else:
+        fields = request_from_arguments(args)
+
+    # A plan Job's request names environment variables instead of carrying DSNs.
+    fields = resolve_environment_dsns(fields, os.environ)
+    try:
+        return SyncRequest.model_validate(fields)
+    except ValidationError as error:
+        raise ConfigurationError(validation_message(error)) from None
+
+
+def _record_plan(request: SyncRequest, sync_id: uuid.UUID) -> SyncPlan:
+    """Compute the plan and record it in the audit trail as a PLAN operation."""
     from dbsync.pipeline.audit import (
         AuditContext,
         AuditTrail,
@@ -44,14 +103,6 @@ def run(args: argparse.Namespace) -> int:
     from dbsync.pipeline.diff import DiffOptions
     from dbsync.pipeline.dsn import describe
     from dbsync.pipeline.plan import compute_plan
-    from dbsync.pipeline.request import SyncRequest
-
-    logs.configure(json_output=True if args.output == "json" else None)
-    fields = request_from_config(args.config) if args.config else request_from_arguments(args)
-    try:
-        request = SyncRequest.model_validate(fields)
-    except ValidationError as error:
-        raise ConfigurationError(validation_message(error)) from None
 
     plan = compute_plan(
         target_dsn=request.target_dsn, source_dsn=request.source_dsn,
@@ -68,17 +119,11 @@ def run(args: argparse.Namespace) -> int:
     requester = (Requester(**request.requester.model_dump()) if request.requester
                  else Requester.from_cli())
     context = AuditContext(
-        sync_id=request.sync_id or uuid.uuid4(), requester=requester,
+        sync_id=sync_id, requester=requester,
         database=describe(request.target_dsn, role="target"), plan_hash=plan.hash,
         traceparent=request.traceparent)
     with AuditTrail(dsn=request.audit_dsn or request.target_dsn, context=context,
                     connect_timeout_seconds=request.connect_timeout_seconds) as audit:
         operation = audit.start(OperationType.PLAN, name="plan")
         audit.finish(operation, OperationStatus.SUCCESS, metadata={"plan": plan.to_dict()})
-
-    if args.output == "json":
-        print(json.dumps({"sync_id": str(context.sync_id), **plan.to_dict(),
-                          "summary": plan.summary()}, indent=2))
-    else:
-        print(plan.render_text())
-    return EXIT_OK
+    return plan

@@ -25,6 +25,7 @@ from dbsync.k8s.job_manifest import (
     RESOURCE_UID_LABEL,
     SYNC_CONTAINER,
     SYNC_ID_LABEL,
+    JobPurpose,
     JobSettings,
     build_job,
     job_name,
@@ -211,6 +212,32 @@ class JobExecutor:
         if adopted:
             self._adopted[uid] = (metadata.get("generation"), time.monotonic(), outcome)
         return outcome
+
+    async def plan(self, *, body: Mapping[str, Any], spec: DatabaseSyncSpec,
+                   request: Mapping[str, Any], sync_id: str) -> JobOutcome:
+        """Compute the plan ``sync_id`` in a Job running ``dbsync plan`` and return its outcome.
+
+        The outcome's report is what ``dbsync plan --output json`` prints (sync id and
+        summary), read from the termination message.  A plan changes nothing, so it is not
+        recorded in ``status.activeJob``: after an operator restart the next sync computes
+        a new plan, and the old plan Job only runs to its end.
+        """
+        metadata = body.get("metadata") or {}
+        namespace = str(metadata.get("namespace") or "default")
+        name = job_name(str(metadata.get("name")), sync_id, JobPurpose.PLAN)
+        started = time.monotonic()
+
+        manifest = build_job(body=body, spec=spec, request=request, sync_id=sync_id,
+                             settings=self.settings,
+                             revision_keys=await self.revision_keys(spec, namespace),
+                             purpose=JobPurpose.PLAN)
+        await self.client.create(_jobs_path(namespace), manifest)
+        logger.info("created Job %s/%s for plan %s", namespace, name, sync_id)
+
+        result = await self._wait(namespace, name, sync_id=sync_id,
+                                  deadline_seconds=spec.sync_timeout_seconds, started=started)
+        return JobOutcome(outcome=result[0], verdict=result[1], job_name=name,
+                          sync_id=sync_id, adopted=False)
 
     async def _find_job(self, namespace: str, *, uid: str,
                         sync_id: str) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from dbsync.k8s.models import API_VERSION, KIND, DatabaseReference, DatabaseSyncSpec
@@ -45,6 +46,13 @@ RUN_AS_USER = 65532
 _DATABASE_ROLES = ("source", "target", "audit")
 
 
+class JobPurpose(StrEnum):
+    """What a Job's pod runs: a sync (``dbsync run``) or a plan (``dbsync plan``)."""
+
+    SYNC = "sync"
+    PLAN = "plan"
+
+
 @dataclass(frozen=True, kw_only=True)
 class JobSettings:
     """Operator-wide settings of sync Jobs (``dbsync operator --job-*`` options)."""
@@ -60,9 +68,13 @@ class JobSettings:
     poll_interval_seconds: float = 1.0
 
 
-def job_name(resource_name: str, sync_id: str) -> str:
-    """Return ``<resource>-sync-<first 8 hex digits of the sync id>``, at most 63 characters."""
-    suffix = "-sync-" + sync_id.replace("-", "")[:SYNC_ID_CHARACTERS]
+def job_name(resource_name: str, sync_id: str, purpose: JobPurpose = JobPurpose.SYNC) -> str:
+    """Return ``<resource>-<purpose>-<first 8 hex digits of the sync id>``, at most 63 characters.
+
+    The purpose is ``sync`` or ``plan``.  A plan gets its own sync id, so its Job never takes
+    the name of a sync's Job.
+    """
+    suffix = f"-{purpose.value}-" + sync_id.replace("-", "")[:SYNC_ID_CHARACTERS]
 
     # Resource names may contain dots, which a DNS label (the pod's hostname) may not.
     prefix = re.sub(r"[^a-z0-9-]", "-", resource_name.lower())
@@ -193,8 +205,9 @@ def pod_request(request: Mapping[str, Any], *, environment_forms: Mapping[str, A
 
 def build_job(*, body: Mapping[str, Any], spec: DatabaseSyncSpec, request: Mapping[str, Any],
               sync_id: str, settings: JobSettings,
-              revision_keys: Mapping[str, Sequence[str]]) -> dict[str, Any]:
-    """Return the Job manifest for one sync of ``body``."""
+              revision_keys: Mapping[str, Sequence[str]],
+              purpose: JobPurpose = JobPurpose.SYNC) -> dict[str, Any]:
+    """Return the Job manifest for one sync (or one plan) of ``body``."""
     metadata = body.get("metadata") or {}
     name = str(metadata.get("name"))
     uid = str(metadata.get("uid"))
@@ -249,7 +262,8 @@ def build_job(*, body: Mapping[str, Any], spec: DatabaseSyncSpec, request: Mappi
         "name": SYNC_CONTAINER,
         "image": layout.image or settings.image,
         "command": ["dbsync"],
-        "args": ["run", "--config-env", REQUEST_VARIABLE, "--output", "json"],
+        "args": ["run" if purpose is JobPurpose.SYNC else "plan", "--config-env",
+                 REQUEST_VARIABLE, "--output", "json"],
         "env": env,
         "volumeMounts": mounts,
         "terminationMessagePath": DEFAULT_TERMINATION_MESSAGE_PATH,
@@ -273,7 +287,7 @@ def build_job(*, body: Mapping[str, Any], spec: DatabaseSyncSpec, request: Mappi
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            "name": job_name(name, sync_id),
+            "name": job_name(name, sync_id, purpose),
             "namespace": metadata.get("namespace"),
             "labels": labels,
             "annotations": {"dbsync.io/resource-name": name},

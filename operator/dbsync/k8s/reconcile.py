@@ -208,7 +208,7 @@ class Reconciler:
         started_at = now_utc()
         job_outcome: JobOutcome | None = None
         decision: ApprovalDecision | None = None
-        replan: ChildOutcome | None = None
+        replan: tuple[ChildOutcome, Verdict | None] | None = None
         if use_job and trigger in _HANDLER_TRIGGERS and self.job_executor is not None:
             # After a restart kopf runs the interrupted handler and the resume handler; the
             # Job adopted by the first one is this generation's sync for both.
@@ -244,7 +244,8 @@ class Reconciler:
                     decision = approval.decide(body, spec, trigger=trigger, now=now_utc())
                     if decision.action is not ApprovalAction.APPLY:
                         return await self._hold(body, spec, request, decision,
-                                                secrets=inputs.secrets, run_at=run_at)
+                                                secrets=inputs.secrets, run_at=run_at,
+                                                use_job=use_job)
                     assert decision.approval is not None
                     self._mark_acted(body)
                     request["approved_plan"] = decision.approval.plan_hash
@@ -268,7 +269,8 @@ class Reconciler:
 
                 # A stale approved plan applied nothing: publish the current one for review.
                 if decision is not None and _plan_changed(outcome.report):
-                    replan = await self._compute_plan(request, spec, secrets=inputs.secrets)
+                    replan = await self._compute_plan(body, request, spec,
+                                                      secrets=inputs.secrets, use_job=use_job)
 
         verdict = judge(outcome, sync_id=sync_id, fail_on_drift=spec.diff.fail_on_drift,
                         timeout_seconds=spec.sync_timeout_seconds)
@@ -304,17 +306,34 @@ class Reconciler:
         return SyncOutcome(status=status, verdict=verdict, sync_id=sync_id, failures=failures,
                            clear_approval_annotations=consumed)
 
-    async def _compute_plan(self, request: Mapping[str, Any], spec: DatabaseSyncSpec, *,
-                            secrets: tuple[str, ...]) -> ChildOutcome:
-        """Run ``dbsync plan`` with the sync's request; it records the plan in the audit trail."""
+    async def _compute_plan(self, body: Mapping[str, Any], request: Mapping[str, Any],
+                            spec: DatabaseSyncSpec, *, secrets: tuple[str, ...],
+                            use_job: bool) -> tuple[ChildOutcome, Verdict | None]:
+        """Run ``dbsync plan`` with the sync's request; it records the plan in the audit trail.
+
+        Computing a plan imports the revision files, so in job mode it runs in a Job like the
+        sync, never in the operator's pod.  Returns the outcome and, when the Job ended
+        without a message (deadline, failed pod, image pull), the verdict for that.
+        """
         plan_request = {**request, "sync_id": str(uuid.uuid4()), "approved_plan": None,
                         "approver": None}
-        return await self.executor.run(plan_request, timeout_seconds=spec.sync_timeout_seconds,
-                                       secrets=secrets, command=PLAN_COMMAND)
+        if use_job and self.job_executor is not None:
+            planned = await self.job_executor.plan(body=body, spec=spec, request=plan_request,
+                                                   sync_id=plan_request["sync_id"])
+            return planned.outcome, planned.verdict
+
+        metadata = body.get("metadata") or {}
+        logger.info("computing plan %s of %s/%s in a child process", plan_request["sync_id"],
+                    metadata.get("namespace"), metadata.get("name"))
+        outcome = await self.executor.run(plan_request,
+                                          timeout_seconds=spec.sync_timeout_seconds,
+                                          secrets=secrets, command=PLAN_COMMAND)
+        return outcome, None
 
     async def _hold(self, body: Mapping[str, Any], spec: DatabaseSyncSpec,
                     request: Mapping[str, Any], decision: ApprovalDecision, *,
-                    secrets: tuple[str, ...], run_at: str | None) -> SyncOutcome:
+                    secrets: tuple[str, ...], run_at: str | None,
+                    use_job: bool) -> SyncOutcome:
         """Keep waiting for approval, or publish a fresh plan and wait for its approval."""
         metadata = body.get("metadata") or {}
         previous = dict(body.get("status") or {})
@@ -337,12 +356,17 @@ class Reconciler:
 
         if decision.approval is not None:
             self._mark_acted(body)
-        outcome = await self._compute_plan(request, spec, secrets=secrets)
+        outcome, job_verdict = await self._compute_plan(body, request, spec, secrets=secrets,
+                                                        use_job=use_job)
         summary = approval.plan_summary(outcome.report)
         if summary is None or outcome.report is None:
-            failed = judge(outcome, sync_id=str(request.get("sync_id")), fail_on_drift=True,
-                           timeout_seconds=spec.sync_timeout_seconds)
-            verdict = escalate(Verdict(kind=VerdictKind.TRANSIENT, reason=failed.reason,
+            failed = job_verdict or judge(outcome, sync_id=str(request.get("sync_id")),
+                                          fail_on_drift=True,
+                                          timeout_seconds=spec.sync_timeout_seconds)
+            # A plan Job's image that cannot be pulled stalls the resource, as for a sync.
+            kind = (VerdictKind.PERMANENT if failed.kind is VerdictKind.PERMANENT
+                    and job_verdict is not None else VerdictKind.TRANSIENT)
+            verdict = escalate(Verdict(kind=kind, reason=failed.reason,
                                        message=f"computing the plan failed: {failed.message}"),
                                failures=failures_before + 1, backoff_limit=spec.backoff_limit)
             return self._problem(body, previous, verdict, generation=generation, run_at=run_at)
@@ -428,14 +452,18 @@ def _plan_changed(report: Mapping[str, Any] | None) -> bool:
     return bool(error.get("reason") == Reason.PLAN_CHANGED)
 
 
-def _judge_plan_changed(verdict: Verdict, replan: ChildOutcome | None, *,
+def _judge_plan_changed(verdict: Verdict,
+                        replanned: tuple[ChildOutcome, Verdict | None] | None, *,
                         spec: DatabaseSyncSpec,
                         generation: int | None) -> tuple[Verdict, dict[str, Any] | None]:
     """Turn a PlanChanged failure into a wait for the new plan, or a retry to compute it."""
+    replan = replanned[0] if replanned is not None else None
     summary = approval.plan_summary(replan.report if replan is not None else None)
-    if replan is None or replan.report is None or summary is None:
-        detail = "no plan child ran"
-        if replan is not None:
+    if replanned is None or replan is None or replan.report is None or summary is None:
+        detail = "no plan was computed"
+        if replanned is not None and replanned[1] is not None:
+            detail = replanned[1].message
+        elif replan is not None:
             detail = judge(replan, sync_id="plan", fail_on_drift=True,
                            timeout_seconds=spec.sync_timeout_seconds).message
         return Verdict(kind=VerdictKind.TRANSIENT, reason=Reason.PLAN_CHANGED,

@@ -123,18 +123,63 @@ def termination_message(report: Mapping[str, Any]) -> str:
     return json.dumps(minimal, separators=(",", ":"))
 
 
+def _trimmed(items: list[Any], limit: int | None) -> list[str]:
+    """Return ``items`` as text, keeping ``limit`` of them and a count of the rest."""
+    texts = [str(item) for item in items]
+    if limit is None or len(texts) <= limit:
+        return texts
+    return [*texts[:limit], f"... and {len(texts) - limit} more"]
+
+
+def plan_termination_message(*, sync_id: str, summary: Mapping[str, Any]) -> str:
+    """Return the JSON message of a plan Job: the plan's summary, at most 4096 bytes.
+
+    ``summary`` is ``SyncPlan.summary()``.  When it does not fit, the revision, ledger check
+    and non-transactional lists keep their first entries and end with an
+    ``"... and N more"`` entry.  The hash always covers the whole plan, and the PLAN audit
+    operation of ``sync_id`` contains every entry.
+    """
+    list_keys = ("revisions", "non_transactional", "ledger_checks")
+    for limit in (None, 100, 40, 10, 0):
+        trimmed = {key: (_trimmed(list(value or []), limit) if key in list_keys else value)
+                   for key, value in summary.items()}
+        text = json.dumps({"version": SUMMARY_VERSION, "kind": "plan", "sync_id": sync_id,
+                           "result": "Planned", "exit_code": 0, "plan": trimmed},
+                          separators=(",", ":"), default=str)
+        if len(text.encode("utf-8")) <= MAX_TERMINATION_MESSAGE_BYTES:
+            return text
+
+    # Only revision ids thousands of characters long get here; the operator then retries.
+    raise ValueError(f"the summary of plan {summary.get('hash')} does not fit in "
+                     f"{MAX_TERMINATION_MESSAGE_BYTES} bytes even without its lists")
+
+
+def _write(text: str, environ: Mapping[str, str]) -> Path | None:
+    location = environ.get(TERMINATION_MESSAGE_PATH_VARIABLE)
+    if not location:
+        return None
+    path = Path(location)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
 def write_termination_message(report: Mapping[str, Any],
                               environ: Mapping[str, str] = os.environ) -> Path | None:
     """Write the summary to ``$DBSYNC_TERMINATION_MESSAGE_PATH``; return the path, or None.
 
     Nothing is written when the variable is unset, so CLI runs outside a pod are unaffected.
     """
-    location = environ.get(TERMINATION_MESSAGE_PATH_VARIABLE)
-    if not location:
+    if not environ.get(TERMINATION_MESSAGE_PATH_VARIABLE):
         return None
-    path = Path(location)
-    path.write_text(termination_message(report), encoding="utf-8")
-    return path
+    return _write(termination_message(report), environ)
+
+
+def write_plan_termination_message(*, sync_id: str, summary: Mapping[str, Any],
+                                   environ: Mapping[str, str] = os.environ) -> Path | None:
+    """Write a plan's message to ``$DBSYNC_TERMINATION_MESSAGE_PATH``, as for a sync."""
+    if not environ.get(TERMINATION_MESSAGE_PATH_VARIABLE):
+        return None
+    return _write(plan_termination_message(sync_id=sync_id, summary=summary), environ)
 
 
 def report_from_termination_message(text: str | None) -> dict[str, Any] | None:
@@ -152,6 +197,11 @@ def report_from_termination_message(text: str | None) -> dict[str, Any] | None:
         return None
     if not isinstance(summary, dict) or summary.get("version") != SUMMARY_VERSION:
         return None
+
+    # A plan Job's message expands to what ``dbsync plan --output json`` prints.
+    if summary.get("kind") == "plan" and isinstance(summary.get("plan"), dict):
+        return {"sync_id": summary.get("sync_id"), "result": summary.get("result"),
+                "exit_code": summary.get("exit_code"), "summary": summary["plan"]}
 
     report: dict[str, Any] = {
         "sync_id": summary.get("sync_id"),
