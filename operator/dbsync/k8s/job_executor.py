@@ -1,7 +1,8 @@
 """Run each sync as a Kubernetes Job and read its outcome from the pod's termination message.
 
-The Job's pod runs ``dbsync run`` under its own service account, with no API token, inside
-the resource limits and deadline the Job sets.  Before the Job is created its name and sync
+The Job's pod runs ``dbsync run`` (or ``dbsync plan``, for a plan waiting for approval)
+under its own service account, with no API token, inside the resource limits and deadline
+the Job sets.  Before the Job is created its name and sync
 id go into ``status.activeJob``, so an operator that restarts while the Job runs finds it
 (by the resource uid and sync id labels) and waits for it instead of starting another.
 The pod writes a summary of its report to its termination message.  The operator expands it
