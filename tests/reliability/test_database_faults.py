@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 import time
 from collections.abc import Iterator
@@ -197,6 +198,21 @@ def test_hung_connection_ends_the_cli_run(dedicated: Dedicated, tmp_path: Path) 
     assert "no reply from" in output.read_text("utf-8", errors="replace")
     assert following.exit_code == 0, following.stdout + following.stderr
     assert applied_revision(target) == HEAD
+
+
+def test_long_statement_outlives_silence_probe(dedicated: Dedicated,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A statement silent for longer than the probe threshold finishes: its backend is active."""
+    caplog.set_level(logging.INFO, logger="dbsync.dsn")
+    with connect(dedicated.source, role="target", connect_timeout_seconds=1) as connection:
+        started = time.monotonic()
+        row = connection.execute("SELECT pg_sleep(4.5), 42").fetchone()
+        elapsed = time.monotonic() - started
+
+    assert row is not None
+    assert row[1] == 42
+    assert elapsed >= 4.5
+    assert any("is still active" in record.getMessage() for record in caplog.records)
 
 
 def test_connections_carry_keepalive_parameters(dedicated: Dedicated) -> None:
