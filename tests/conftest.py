@@ -10,15 +10,25 @@ import pytest
 from dbsync.testing.servers import TestServer, test_server
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that uses the session's PostgreSQL server with ``database``.
+# Fixtures that start a real operator process against the Kubernetes API emulator.
+OPERATOR_FIXTURES = frozenset({"cluster", "operator_environment"})
 
-    CI's second run, on PostgreSQL 15, selects these with ``-m database``: the other tests
-    do not touch that server, so running them twice would prove nothing new.
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark tests by what they use: ``database`` and ``kubernetes``.
+
+    ``database`` marks every test that uses the session's PostgreSQL server; ``kubernetes``
+    marks the operator's end-to-end tests. CI's second run, on PostgreSQL 15 over a Unix
+    socket, selects ``database and not kubernetes``: the other tests do not touch that
+    server, and the end-to-end tests describe databases by network host, as pods reach
+    them, which a socket directory cannot be.
     """
     for item in items:
-        if "pg" in getattr(item, "fixturenames", ()):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "pg" in fixtures:
             item.add_marker(pytest.mark.database)
+        if fixtures & OPERATOR_FIXTURES:
+            item.add_marker(pytest.mark.kubernetes)
 
 
 @pytest.fixture(scope="session")
