@@ -9,7 +9,6 @@ import pytest
 
 from dbsync.testing.servers import TestServer, test_server
 
-
 # Fixtures that start a real operator process against the Kubernetes API emulator.
 OPERATOR_FIXTURES = frozenset({"cluster", "operator_environment"})
 

@@ -2,7 +2,9 @@
 
 :mod:`dbsync.k8s.crd` turns these models into the CustomResourceDefinition, and the
 operator parses every resource it handles with them, so the API server's validation and
-the operator's own checks never disagree.  Field names are camelCase on the wire (aliases)
+the operator's own checks agree on every object the schema accepts. The models are more
+lenient in one place: they coerce strings such as "5" to integers, which the schema
+rejects before the operator sees them. Field names are camelCase on the wire (aliases)
 and snake_case in Python.
 """
 
