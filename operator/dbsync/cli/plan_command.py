@@ -115,7 +115,7 @@ def _record_plan(request: SyncRequest, sync_id: uuid.UUID) -> SyncPlan:
             ignore_kinds=tuple(request.diff.ignore_kinds),
             connect_timeout_seconds=request.connect_timeout_seconds))
 
-    # The full plan goes to the audit trail, so a later mismatch can say what changed.
+    # The full plan goes to the audit trail, so a later mismatch can list what changed.
     requester = (Requester(**request.requester.model_dump()) if request.requester
                  else Requester.from_cli())
     context = AuditContext(

@@ -1,7 +1,7 @@
 """Sync plans: a deterministic description of what a sync would do to the target now.
 
 A plan lists the pending revisions (ids, file checksums and offline SQL), the target's
-current and wanted revisions, a fingerprint of the target's schema and the ledger checks to
+current and requested revisions, a fingerprint of the target's schema and the ledger checks to
 run.  Its hash, SHA-256 over a canonical JSON form, is what a reviewer approves.  A sync run
 with an approved hash recomputes the plan under the advisory lock and applies nothing unless
 the two hashes are equal, so what runs is exactly what was approved.
@@ -67,7 +67,7 @@ class PlannedRevision:
 
 @dataclass(frozen=True, kw_only=True)
 class SyncPlan:
-    """What a sync would do to the target now; ``hash`` identifies it."""
+    """Description of what a sync would do to the target now, identified by ``hash``."""
 
     target: str
     current_revision: str | None
@@ -176,14 +176,14 @@ def compute_plan(*, target_dsn: str, source_dsn: str | None, migrations_dir: Pat
     """Compute the plan of a sync of ``target_dsn`` without changing anything."""
     address = dsn_module.describe(target_dsn, role="target")
     current = read_current_revision(target_dsn)
-    wanted: str | None = current
+    requested: str | None = current
     downgrade = False
     planned: list[PlannedRevision] = []
 
     if migrations_dir is not None:
         scripts = load_scripts(migrations_dir)
-        wanted = resolve_target(scripts, revision, source_dsn=source_dsn)
-        steps, downgrade = pending_steps(scripts, current, wanted,
+        requested = resolve_target(scripts, revision, source_dsn=source_dsn)
+        steps, downgrade = pending_steps(scripts, current, requested,
                                          allow_downgrade=allow_downgrade, address=address)
 
         # Each revision is rendered alone, from the revision before it, so its SQL is its own.
@@ -206,7 +206,7 @@ def compute_plan(*, target_dsn: str, source_dsn: str | None, migrations_dir: Pat
         connect_timeout_seconds=diff_options.connect_timeout_seconds)
     checks = tuple(check.value for check in ledger.selected_checks()) if ledger else ()
     plan = SyncPlan(
-        target=str(address), current_revision=current, target_revision=wanted,
+        target=str(address), current_revision=current, target_revision=requested,
         downgrade=downgrade, revisions=tuple(planned), schema_fingerprint=fingerprint,
         ledger_checks=checks, created_at=datetime.now(UTC).isoformat(timespec="seconds"))
     logger.info("computed plan %s for %s: %d pending revision(s)", plan.hash, address,
@@ -233,7 +233,7 @@ def describe_changes(approved: SyncPlan | None, current: SyncPlan) -> tuple[str,
         changes.append(f"the target's revision changed from {approved.current_revision} to "
                        f"{current.current_revision}")
     if approved.target_revision != current.target_revision:
-        changes.append(f"the wanted revision changed from {approved.target_revision} to "
+        changes.append(f"the requested revision changed from {approved.target_revision} to "
                        f"{current.target_revision}")
     approved_files = {item.revision: item for item in approved.revisions}
     current_files = {item.revision: item for item in current.revisions}
