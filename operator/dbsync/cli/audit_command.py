@@ -144,7 +144,7 @@ def run_tail(args: argparse.Namespace) -> int:
     print(_render_table(
         ["SEQ", "RECORDED AT (UTC)", "SYNC", "EVENT", "TYPE", "NAME", "STATUS", "MS"],
         [[str(event["sequence"]), _short_time(event["recorded_at"]),
-          str(event["sync_id"])[:8], str(event["event_kind"]), str(event["operation_type"]),
+          str(event["sync_id"]), str(event["event_kind"]), str(event["operation_type"]),
           str(event["operation_name"] or ""), str(event["status"]),
           "" if event["duration_ms"] is None else str(event["duration_ms"])]
          for event in events]))

@@ -121,13 +121,13 @@ def run(args: argparse.Namespace) -> int:
                 connection.execute(SAMPLE_LEDGER_SQL)
         print("balanced sample ledger loaded: 200 payments, 600 postings")
 
-        _print_section("dry run: staging -> uat (nothing is applied)")
+        _print_section("dry run: target staging, source uat (nothing is applied)")
         dry = run_sync(SyncRequest(source_dsn=uat, target_dsn=staging,
                                    migrations_dir=migrations_dir, revision="source",
                                    dry_run="plan", ledger=ledger))  # type: ignore[arg-type]
         print(dry.render_text())
 
-        _print_section("sync: staging -> uat")
+        _print_section("sync: target staging, source uat")
         real = run_sync(SyncRequest(source_dsn=uat, target_dsn=staging,
                                     migrations_dir=migrations_dir, revision="source",
                                     ledger=ledger))

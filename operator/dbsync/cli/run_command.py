@@ -167,6 +167,10 @@ def validation_message(error: ValidationError) -> str:
     return "invalid sync request: " + "; ".join(problems)
 
 
+def _is_plan_hash(value: str) -> bool:
+    return len(value) == 64 and all(character in "0123456789abcdef" for character in value)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run one sync from the parsed arguments and print the report."""
     from dbsync.pipeline.request import SyncRequest, resolve_environment_dsns
@@ -186,6 +190,11 @@ def run(args: argparse.Namespace) -> int:
         # A sync Job's request names environment variables instead of carrying DSNs.
         fields = resolve_environment_dsns(fields, os.environ)
         fields.setdefault("sync_id", str(sync_id))
+        approved = fields.get("approved_plan")
+        if approved is not None and not _is_plan_hash(str(approved)):
+            raise ConfigurationError(
+                f"approved_plan (--approved-plan) {approved!r} is not a plan hash: pass the "
+                "64-character lowercase hex hash that 'dbsync plan' prints")
         try:
             request = SyncRequest.model_validate(fields)
         except ValidationError as error:

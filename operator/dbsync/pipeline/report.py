@@ -180,7 +180,9 @@ class SyncReport:
             lines.append("")
             lines.append(f"error ({self.error.reason}): {self.error.message}")
         lines.append("")
-        lines.append(f"result: {self.result.value} (exit {self.exit_code})")
+        counted_note = ("; informational criteria are not counted in a dry run"
+                        if self.dry_run != "off" else "")
+        lines.append(f"result: {self.result.value} (exit {self.exit_code}{counted_note})")
         return "\n".join(lines)
 
 

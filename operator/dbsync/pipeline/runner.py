@@ -326,11 +326,12 @@ def _plan_step(request: SyncRequest, *, steps: _Steps, state: _RunState) -> Sync
             approved = find_recorded_plan(request.audit_dsn or request.target_dsn,
                                           approved_hash)
             changes = describe_changes(approved, current)
+            advice = ("" if approved is None
+                      else ". Review the new plan and approve its hash")
             raise PlanChangedError(
                 f"the plan changed since it was approved, so nothing was applied: approved "
-                f"{approved_hash}, now {current.hash}; changes: {'; '.join(changes)}. Review "
-                "the new plan and approve its hash", approved_hash=approved_hash,
-                current_hash=current.hash, changes=changes)
+                f"{approved_hash}, now {current.hash}; changes: {'; '.join(changes)}{advice}",
+                approved_hash=approved_hash, current_hash=current.hash, changes=changes)
         handle.message = f"plan {current.hash} matches the approved plan"
     if current.target_revision is None or current.target_revision == request.revision:
         return request
