@@ -72,8 +72,10 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
                         help="lock_timeout for migration statements, in milliseconds")
     parser.add_argument("--statement-timeout-ms", type=int, metavar="MS",
                         help="statement_timeout for migration statements, in milliseconds")
-    parser.add_argument("--connect-timeout", metavar="SECONDS", type=int, default=10,
-                        help="connection timeout per database, in seconds (default 10)")
+    parser.add_argument("--connect-timeout-seconds", "--connect-timeout", metavar="SECONDS",
+                        type=int, default=10,
+                        help="connection timeout per database, in seconds (default 10); "
+                        "--connect-timeout is the same option")
     parser.add_argument("--traceparent", metavar="HEADER",
                         help="W3C traceparent of an outer trace this sync joins")
     parser.add_argument("--ignore-schema", action="append", default=[], metavar="SCHEMA",
@@ -116,7 +118,7 @@ def request_from_arguments(args: argparse.Namespace) -> dict[str, Any]:
         "lock_wait_seconds": args.lock_wait,
         "lock_timeout_ms": args.lock_timeout_ms,
         "statement_timeout_ms": args.statement_timeout_ms,
-        "connect_timeout_seconds": args.connect_timeout,
+        "connect_timeout_seconds": args.connect_timeout_seconds,
         "traceparent": args.traceparent,
         "approved_plan": getattr(args, "approved_plan", None),
         "approver": getattr(args, "approver", None),
