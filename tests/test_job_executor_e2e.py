@@ -111,15 +111,19 @@ def cluster(pg: TestServer, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         operator = OperatorProcess(kubeconfig=workdir / "kubeconfig",
                                    log_path=workdir / "operator.log",
                                    extra_arguments=OPERATOR_ARGUMENTS)
+        job_cluster = JobCluster(api=api, kubectl=kubectl, operator=operator, server=pg,
+                                 source_dsn=source_dsn, empty_source_dsn=empty_source_dsn,
+                                 kubelet=kubelet, workdir=workdir)
         operator.start()
         try:
             wait_for(lambda: "Initial authentication has finished" in operator.log_text(),
                      timeout_seconds=30, description="the operator to log in")
-            yield JobCluster(api=api, kubectl=kubectl, operator=operator, server=pg,
-                             source_dsn=source_dsn, empty_source_dsn=empty_source_dsn,
-                             kubelet=kubelet, workdir=workdir)
+            yield job_cluster
         finally:
-            operator.stop()
+            # A test may replace the operator (the restart test), so stop the current one.
+            job_cluster.operator.stop()
+            if job_cluster.operator is not operator:
+                operator.stop()
             assert api.loop is not None
             asyncio.run_coroutine_threadsafe(kubelet.close(), api.loop).result(timeout=30)
 
