@@ -9,6 +9,9 @@ import pytest
 
 from dbsync.testing.servers import TestServer, test_server
 
+# The migrate tests' target fixtures, shared by several test modules.
+pytest_plugins = ["tests.migration_fixtures"]
+
 # Fixtures that start a real operator process against the Kubernetes API emulator.
 OPERATOR_FIXTURES = frozenset({"cluster", "operator_environment"})
 

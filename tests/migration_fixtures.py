@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg import sql
 
 from dbsync.pipeline.audit import (
@@ -261,3 +262,19 @@ class TargetFactory:
         for name in self.created:
             self.server.drop_database(name)
         self.created.clear()
+
+
+@pytest.fixture(scope="module")
+def targets(pg: TestServer) -> Iterator[TargetFactory]:
+    """Factory for fresh targets; the template is shared by one test module's tests."""
+    factory = TargetFactory(server=pg, template=create_template(pg))
+    yield factory
+    factory.drop_all()
+    pg.drop_database(factory.template)
+
+
+@pytest.fixture
+def target(targets: TargetFactory) -> Iterator[str]:
+    """A fresh target database made from the module's template."""
+    yield targets.create("mig")
+    targets.drop_all()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -18,12 +17,10 @@ from dbsync.pipeline.migrate import (
     TargetAheadError,
     read_current_revision,
 )
-from dbsync.testing.servers import TestServer
 from tests.migration_fixtures import (
     SELF_CONNECTING_ENV_PY,
     TargetFactory,
     alembic_version,
-    create_template,
     make_project_dir,
     revision_operations,
     row_count,
@@ -32,21 +29,6 @@ from tests.migration_fixtures import (
     write_revision,
     write_table_chain,
 )
-
-
-@pytest.fixture(scope="module")
-def targets(pg: TestServer) -> Iterator[TargetFactory]:
-    """Factory for fresh targets; the template is shared by this module's tests."""
-    factory = TargetFactory(server=pg, template=create_template(pg))
-    yield factory
-    factory.drop_all()
-    pg.drop_database(factory.template)
-
-
-@pytest.fixture
-def target(targets: TargetFactory) -> Iterator[str]:
-    yield targets.create("mig")
-    targets.drop_all()
 
 
 def table_exists(dsn: str, name: str) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -12,30 +12,12 @@ import pytest
 
 from dbsync.pipeline.errors import LockTimeoutError
 from dbsync.pipeline.lock import SyncLock, SyncLockLostError, split_key
-from dbsync.testing.servers import TestServer
 from tests.migration_fixtures import (
-    TargetFactory,
     alembic_version,
-    create_template,
     run_migrate,
     write_revision,
     write_table_chain,
 )
-
-
-@pytest.fixture(scope="module")
-def targets(pg: TestServer) -> Iterator[TargetFactory]:
-    """Factory for fresh targets; the template is shared by this module's tests."""
-    factory = TargetFactory(server=pg, template=create_template(pg))
-    yield factory
-    factory.drop_all()
-    pg.drop_database(factory.template)
-
-
-@pytest.fixture
-def target(targets: TargetFactory) -> Iterator[str]:
-    yield targets.create("lock")
-    targets.drop_all()
 
 
 def test_second_lock_times_out_naming_holder(target: str) -> None:

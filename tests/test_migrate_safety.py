@@ -13,11 +13,8 @@ import pytest
 from dbsync.pipeline.errors import LockTimeoutError, MigrationFailedError
 from dbsync.pipeline.migrate import NonTransactionalRevisionError, OutcomeStatus
 from dbsync.pipeline.migrate_apply import NEW_ENUM_TYPE_EXEMPT_SINCE
-from dbsync.testing.servers import TestServer
 from tests.migration_fixtures import (
-    TargetFactory,
     alembic_version,
-    create_template,
     revision_operations,
     row_count,
     run_migrate,
@@ -25,21 +22,6 @@ from tests.migration_fixtures import (
     write_revision,
     write_table_chain,
 )
-
-
-@pytest.fixture(scope="module")
-def targets(pg: TestServer) -> Iterator[TargetFactory]:
-    """Factory for fresh targets; the template is shared by this module's tests."""
-    factory = TargetFactory(server=pg, template=create_template(pg))
-    yield factory
-    factory.drop_all()
-    pg.drop_database(factory.template)
-
-
-@pytest.fixture
-def target(targets: TargetFactory) -> Iterator[str]:
-    yield targets.create("safe")
-    targets.drop_all()
 
 
 @pytest.fixture
