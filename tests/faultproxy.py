@@ -3,7 +3,7 @@
 ``FaultProxy(upstream_port=...)`` listens on a free local port and forwards every connection
 to ``127.0.0.1:upstream_port``. :meth:`FaultProxy.hang` stops forwarding in both directions
 while keeping every socket open, which is what a client sees when a peer or a network path
-stops answering without closing anything. :meth:`FaultProxy.resume` forwards again, and
+stops responding without closing anything. :meth:`FaultProxy.resume` forwards again, and
 :meth:`FaultProxy.drop_connections` closes every forwarded connection at once (a reset).
 Only loopback addresses are used: the proxy never connects anywhere else.
 """
@@ -73,7 +73,7 @@ class FaultProxy:
         return make_conninfo(dsn, host=LOOPBACK, port=str(self.port))
 
     def hang(self) -> None:
-        """Stop forwarding in both directions; sockets stay open and nothing is answered."""
+        """Stop forwarding in both directions. Sockets stay open and nothing is forwarded."""
         self._forwarding.clear()
 
     def resume(self) -> None:
@@ -137,7 +137,7 @@ class FaultProxy:
         try:
             while not self._stopped.is_set():
                 # While hung, bytes stay in the kernel buffers unread, so neither end gets
-                # an answer and neither sees the connection close.
+                # a response and neither sees the connection close.
                 if not self._forwarding.wait(timeout=_POLL_SECONDS):
                     continue
                 readable, _, _ = select.select(list(peers), [], [], _POLL_SECONDS)

@@ -2,7 +2,7 @@
 
 Each request in ``tests/fixtures/bad_inputs/cli`` is passed as ``--config FILE`` (or the file
 as ``--ledger FILE``) to the CLI's ``main()`` in this process, which is what the
-``dbsync`` console script calls. The target holds a sentinel table that several requests try
+``dbsync`` console script calls. The target contains a sentinel table that several requests try
 to drop through an identifier, a revision or a DSN.
 """
 
@@ -41,7 +41,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def databases(pg: TestServer) -> Iterator[dict[str, str]]:
-    """A source and a target shared by the cases; the target holds the sentinel table."""
+    """A source and a target shared by the cases; the target contains the sentinel table."""
     names = {"source": pg.create_database("badsrc"), "target": pg.create_database("badcli")}
     target = pg.dsn(names["target"])
     with psycopg.connect(target, autocommit=True) as connection:

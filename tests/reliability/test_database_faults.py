@@ -166,9 +166,9 @@ def test_reset_connection_mid_sync_is_transient(dedicated: Dedicated, tmp_path: 
 
 @pytest.mark.slow
 def test_hung_connection_ends_the_cli_run(dedicated: Dedicated, tmp_path: Path) -> None:
-    """A connection that stops answering ends `dbsync run` as transient; the next run succeeds.
+    """A connection that stops responding ends `dbsync run` as transient; the next run succeeds.
 
-    Keepalives cannot see this fault (the proxy's kernel answers them), so the bound is the
+    Keepalives cannot see this fault (the proxy's kernel acknowledges them), so the bound is the
     connection's silence probe: after three connect timeouts without a byte, a second
     connection through the same hung path fails within one more connect timeout.
     """
@@ -277,7 +277,7 @@ def test_operator_retries_through_server_restart(dedicated: Dedicated, tmp_path:
 @NEEDS_KUBECTL
 @pytest.mark.slow
 def test_operator_bounds_a_hung_connection(dedicated: Dedicated, tmp_path: Path) -> None:
-    """A connection that stops answering ends at syncTimeoutSeconds, is retried and recovers."""
+    """A connection that stops responding ends at syncTimeoutSeconds, is retried and recovers."""
     target = dedicated.new_target()
     with FaultProxy(upstream_port=dedicated.server.port) as proxy, \
             operator_cluster(tmp_path) as cluster:

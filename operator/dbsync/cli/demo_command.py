@@ -1,8 +1,9 @@
 """``dbsync demo``: a complete sync on a throwaway PostgreSQL, with nothing to set up.
 
-It starts a local server in a temporary directory, creates ``uat`` at the example
-application's head and ``staging`` at an older revision with a balanced sample ledger, then
-runs a dry run and a real sync of staging to uat and prints both reports and the audit rows.
+It starts a local server in a temporary directory. It creates ``uat`` at the example
+application's head and ``staging`` at an older revision, both with a balanced sample ledger.
+Then it runs a dry run and a real sync of staging to uat, and prints both reports and the
+audit rows.
 With ``--operator`` it runs the same sync through the operator against the Kubernetes API
 emulator instead.
 """

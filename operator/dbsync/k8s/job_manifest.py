@@ -47,7 +47,7 @@ _DATABASE_ROLES = ("source", "target", "audit")
 
 
 class JobPurpose(StrEnum):
-    """What a Job's pod runs: a sync (``dbsync run``) or a plan (``dbsync plan``)."""
+    """Purpose of a Job's pod: a sync (``dbsync run``) or a plan (``dbsync plan``)."""
 
     SYNC = "sync"
     PLAN = "plan"
@@ -144,7 +144,7 @@ def _database_environment(database: DatabaseReference, *,
 
 @dataclass(frozen=True, kw_only=True)
 class MigrationsLayout:
-    """The pod's source of revision files: volumes, mounts, an init container, the path."""
+    """Layout of the revision files in the pod: volumes, mounts, an init container, the path."""
 
     directory: str | None
     volumes: tuple[dict[str, Any], ...] = ()

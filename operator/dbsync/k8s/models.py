@@ -29,7 +29,7 @@ SHORT_NAMES = ("dbsync", "dbsyncs")
 CATEGORIES = ("dbsync",)
 API_VERSION = f"{GROUP}/{VERSION}"
 
-# Annotation that asks for a run now; its value is echoed in status.lastHandledRunAt.
+# Annotation that requests a run now. Its value is echoed in status.lastHandledRunAt.
 RUN_AT_ANNOTATION = f"{GROUP}/run-at"
 
 # Annotations that approve a pending plan by its hash, and name who approved it.
@@ -122,7 +122,7 @@ class SslMode(StrEnum):
 
 
 class DatabaseReference(_Model):
-    """Where a database is and how to log in: a URI from a Secret, or host and database."""
+    """Database location and login: a URI from a Secret, or host and database."""
 
     uri_from: SecretValueSource | None = Field(
         default=None,
@@ -169,7 +169,7 @@ class ConfigMapSource(_Model):
 
 
 class MigrationsSource(_Model):
-    """Where the Alembic revision files come from: ConfigMaps, a directory, or an image."""
+    """Source of the Alembic revision files: ConfigMaps, a directory, or an image."""
 
     config_maps: list[ConfigMapSource] | None = Field(
         default=None, min_length=1, max_length=32,
@@ -215,14 +215,14 @@ class DiffSpec(_Model):
 
 
 class AuditDestination(StrEnum):
-    """Which database receives the audit rows."""
+    """Database that receives the audit rows."""
 
     TARGET = "target"
     DATABASE = "database"
 
 
 class AuditSpec(_Model):
-    """Where the audit trail is written."""
+    """Destination of the audit trail."""
 
     destination: AuditDestination = Field(
         default=AuditDestination.TARGET,
@@ -240,7 +240,7 @@ class AuditSpec(_Model):
 
 
 class ExecutorKind(StrEnum):
-    """Where a sync runs."""
+    """Executor that runs a sync."""
 
     PROCESS = "process"
     JOB = "job"
@@ -279,7 +279,7 @@ class ApprovalSpec(_Model):
 
 
 class DatabaseSyncSpec(_Model):
-    """What to sync, how, and how often to check it again."""
+    """Desired sync: databases, migrations, checks and re-check interval."""
 
     source: DatabaseReference = Field(description="The reference database.")
     target: DatabaseReference = Field(description="The database brought in step.")
@@ -464,7 +464,7 @@ class ApprovalStatus(_Model):
 
 
 class DatabaseSyncStatus(_Model):
-    """What the operator observed; written only by the operator."""
+    """Observed state, written only by the operator."""
 
     observed_generation: int | None = Field(
         default=None, ge=0, description="The generation the status describes.")

@@ -362,7 +362,7 @@ class AuditTrail:
             upgrade_own_schema(self._connection)
             self._check_writable()
 
-            # Held until the connection closes: it tells other writers this sync is alive.
+            # Held until the connection closes: it shows other writers that this sync is alive.
             self._connection.execute(
                 "SELECT pg_advisory_lock_shared(%s, %s)",
                 (WRITER_LOCK_CLASS, writer_lock_key(self._context.sync_id)))

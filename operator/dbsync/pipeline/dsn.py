@@ -57,7 +57,7 @@ def _mask_fragment(match: re.Match[str]) -> str:
 
 @dataclass(frozen=True)
 class DatabaseAddress:
-    """Where a database lives, without credentials: safe to log, store and show."""
+    """Database location without credentials, safe to log, store and show."""
 
     host: str
     port: int

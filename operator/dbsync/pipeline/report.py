@@ -1,6 +1,6 @@
 """The sync report: step outcomes, success criteria, the verdict, and its text and JSON forms.
 
-The report holds counts, names and ids only.  Amounts and the full SQL stay in the audit
+The report contains counts, names and ids only.  Amounts and the full SQL stay in the audit
 trail, found by the sync id.
 """
 

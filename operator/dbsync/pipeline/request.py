@@ -35,7 +35,7 @@ class DiffRequest(BaseModel):
 
 
 class RequesterRequest(BaseModel):
-    """Who asked for the sync: a CLI user or a Kubernetes resource."""
+    """Requester of the sync: a CLI user or a Kubernetes resource."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

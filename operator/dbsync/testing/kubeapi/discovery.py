@@ -1,6 +1,6 @@
 """Resource types the emulator serves, and the discovery and OpenAPI documents describing them.
 
-Discovery is served in the plain (unaggregated) form: kubectl v1.32 asks for
+Discovery is served in the plain (unaggregated) form: kubectl v1.32 requests
 ``apidiscovery.k8s.io/v2`` first but falls back when the reply's Content-Type is plain
 ``application/json``. OpenAPI v3 is served per group-version with a PATCH operation carrying
 the ``fieldValidation`` parameter for every kind, because kubectl checks that parameter to

@@ -50,7 +50,7 @@ class RequestRecord:
     """One request in RBAC terms: verb, resource, subresource, namespace, and the client.
 
     Requests outside resources (discovery, OpenAPI, /version) have an empty ``resource``
-    and the lowercase HTTP method as ``verb``. Their ``path`` tells them apart.
+    and the lowercase HTTP method as ``verb``. Their ``path`` distinguishes them.
     """
 
     verb: str
