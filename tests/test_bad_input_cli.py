@@ -1,6 +1,6 @@
 """Invalid `dbsync run` requests from the corpus: exit 2, one line naming the field, no SQL runs.
 
-Each request in ``tests/fixtures/bad_inputs/cli`` is passed as ``--config FILE`` (or the file
+Each request in ``tests/fixtures/bad_inputs/cli`` is passed as ``--request FILE`` (or the file
 as ``--ledger FILE``) to the CLI's ``main()`` in this process, which is what the
 ``dbsync`` console script calls. The target contains a sentinel table that several requests try
 to drop through an identifier, a revision or a DSN.
@@ -96,7 +96,7 @@ def test_bad_request_exits_two_naming_field(
                      *[str(path) if argument == "@FILE@" else argument
                        for argument in case["args"]]]
     else:
-        arguments = ["run", "--config", str(path)]
+        arguments = ["run", "--request", str(path)]
     expected = case["field"]
     for placeholder, value in values.items():
         expected = expected.replace(placeholder, value)

@@ -44,12 +44,12 @@ def test_run_prints_report_and_exits_zero(db_pair: DatabasePair) -> None:
     assert report["migration"]["revision_after"] == "0006_txn_status"
 
 
-def test_config_on_stdin_runs_the_same_sync(db_pair: DatabasePair) -> None:
+def test_request_on_stdin_runs_the_same_sync(db_pair: DatabasePair) -> None:
     """A JSON request on standard input keeps credentials off the command line."""
     request = {"source_dsn": db_pair.source, "target_dsn": db_pair.target,
                "migrations_dir": str(EXAMPLES / "migrations"), "revision": "0002_transactions"}
 
-    completed = _dbsync("run", "--config", "-", "--output", "json", stdin=json.dumps(request))
+    completed = _dbsync("run", "--request", "-", "--output", "json", stdin=json.dumps(request))
 
     report = json.loads(completed.stdout)
     assert report["migration"]["revision_after"] == "0002_transactions"

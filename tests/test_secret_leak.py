@@ -161,7 +161,7 @@ def test_cli_output_and_audit_hold_no_canary(pg: TestServer,
     wrong = make_conninfo(pg.dsn(target_name), password=CANARY + "-wrong")
     closed = f"postgresql://app:{CANARY}@127.0.0.1:{find_free_port()}/app"
     outputs = [
-        _dbsync("run", "--config", "-", "--output", "json", stdin=json.dumps(
+        _dbsync("run", "--request", "-", "--output", "json", stdin=json.dumps(
             {"source_dsn": source, "target_dsn": target, "migrations_dir": str(gated["good"])})),
         _dbsync("run", "--source", source, "--target", target, "--migrations",
                 str(gated["failing"]), "--output", "json"),

@@ -215,14 +215,14 @@ def child_environment() -> dict[str, str]:
 
 
 def start_run(request: dict[str, Any], *, output_path: Path) -> subprocess.Popen[bytes]:
-    """Start ``dbsync run --config - --output json`` with ``request`` on standard input.
+    """Start ``dbsync run --request - --output json`` with ``request`` on standard input.
 
     Standard output and standard error both go to ``output_path``, so the secret-leak
     checks can read everything the child printed.
     """
     with output_path.open("ab") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "dbsync.cli.main", "run", "--config", "-",
+            [sys.executable, "-m", "dbsync.cli.main", "run", "--request", "-",
              "--output", "json"],
             stdin=subprocess.PIPE, stdout=output, stderr=output, env=child_environment())
     assert process.stdin is not None
@@ -242,9 +242,9 @@ class RunOutcome:
 
 
 def run_to_end(request: dict[str, Any], *, timeout_seconds: float = 120.0) -> RunOutcome:
-    """Run ``dbsync run --config - --output json`` to its end and parse the report."""
+    """Run ``dbsync run --request - --output json`` to its end and parse the report."""
     completed = subprocess.run(
-        [sys.executable, "-m", "dbsync.cli.main", "run", "--config", "-", "--output", "json"],
+        [sys.executable, "-m", "dbsync.cli.main", "run", "--request", "-", "--output", "json"],
         input=json.dumps(request), capture_output=True, text=True, timeout=timeout_seconds,
         env=child_environment(), check=False)
     # The report is one (indented) JSON document; log lines go to standard error.

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,21 @@ from dbsync.pipeline import logs
 from dbsync.pipeline.errors import ConfigurationError, DbsyncError
 from dbsync.pipeline.report import usage_error_report
 
+logger = logging.getLogger("dbsync.cli")
+
 SOURCE_DSN_VARIABLE = "DBSYNC_SOURCE_DSN"
 TARGET_DSN_VARIABLE = "DBSYNC_TARGET_DSN"
+
+# The last sentence of every error about a request file's format: where to see a valid one.
+REQUEST_FORMAT_HINT = ("See examples/request.json in the dbsync repository for a complete "
+                       "request and docs/request.md for every field")
+
+# JSON's names for the values that json.loads returns. bool comes first because it is a
+# subclass of int.
+JSON_KINDS: tuple[tuple[type, str], ...] = (
+    (bool, "a boolean"), (int, "a number"), (float, "a number"), (str, "a string"),
+    (list, "an array"),
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -40,7 +55,21 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("--config-env", metavar="VARIABLE",
                         help="read the whole request as JSON from this environment variable "
                         "(how a sync Job's pod gets it); other options are then ignored")
+    parser.add_argument("--log-level", type=str.lower, choices=tuple(logs.LEVELS),
+                        help="minimum level of the log lines written to standard error; "
+                        f"default ${logs.LOG_LEVEL_VARIABLE}, else info")
     parser.set_defaults(handler=run)
+
+
+class DeprecatedRequestOption(argparse.Action):
+    """Store ``--config FILE`` like ``--request FILE`` and note that the old name was used."""
+
+    # argparse fixes this signature, so the unused parser and option_string stay.
+    def __call__(self, parser: argparse.ArgumentParser,  # noqa: ARG002
+                 namespace: argparse.Namespace, values: str | Sequence[Any] | None,
+                 option_string: str | None = None) -> None:  # noqa: ARG002
+        setattr(namespace, self.dest, values)
+        namespace.deprecated_config_option = True
 
 
 def add_request_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,10 +111,15 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
                         help="schema the diff ignores (repeatable)")
     parser.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                         help="glob of qualified names the diff ignores (repeatable)")
-    parser.add_argument("--config", metavar="FILE",
+    # The dest stays "config", the option's name before --request, which plan_command reads.
+    parser.add_argument("--request", dest="config", metavar="FILE",
                         help="read the whole request as JSON from FILE, or from standard input "
                         "with '-' (keeps credentials off the command line); other options are "
-                        "then ignored")
+                        "then ignored. --config FILE is the deprecated old name of this option")
+    # --config is hidden from --help because 'dbsync ledger --config' names a ledger YAML
+    # file, and one option name for two kinds of file is easy to mix up.
+    parser.add_argument("--config", dest="config", metavar="FILE",
+                        action=DeprecatedRequestOption, help=argparse.SUPPRESS)
     parser.add_argument("--output", choices=("text", "json"), default="text",
                         help="report format on standard output (default text)")
 
@@ -132,15 +166,12 @@ def request_from_config(location: str) -> dict[str, Any]:
         text = sys.stdin.read() if location == "-" else Path(location).read_text("utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigurationError(f"cannot read the request file {location}: {error}") from None
-    try:
-        loaded = json.loads(text)
-    except json.JSONDecodeError as error:
+
+    origin = "the request on standard input" if location == "-" else f"the request file {location}"
+    if not text.strip():
         raise ConfigurationError(
-            f"the request in {'standard input' if location == '-' else location} is not "
-            f"valid JSON: {error.msg} at line {error.lineno}") from None
-    if not isinstance(loaded, dict):
-        raise ConfigurationError("the request must be a JSON object")
-    return loaded
+            f"{origin} is empty: write the request as one JSON object. {REQUEST_FORMAT_HINT}")
+    return _parse_request_json(text, origin=origin)
 
 
 def request_from_environment(variable: str) -> dict[str, Any]:
@@ -149,15 +180,33 @@ def request_from_environment(variable: str) -> dict[str, Any]:
     if not text:
         raise ConfigurationError(f"environment variable {variable} (--config-env) is not set "
                                  "or empty: set it to the request JSON")
+    return _parse_request_json(text, origin=f"the request in ${variable} (--config-env)")
+
+
+def _parse_request_json(text: str, *, origin: str) -> dict[str, Any]:
+    """Parse ``text`` as one JSON object. ``origin`` names its source in error messages."""
     try:
         loaded = json.loads(text)
     except json.JSONDecodeError as error:
         raise ConfigurationError(
-            f"the request in ${variable} is not valid JSON: {error.msg} at line "
-            f"{error.lineno}") from None
+            f"{origin} is not valid JSON at line {error.lineno}, column {error.colno} "
+            f"({error.msg}): fix the JSON syntax at that position. {REQUEST_FORMAT_HINT}"
+        ) from None
+
     if not isinstance(loaded, dict):
-        raise ConfigurationError("the request must be a JSON object")
+        raise ConfigurationError(
+            f"{origin} contains {_describe_json_value(loaded)}, not a JSON object: write the "
+            f"request as one JSON object. {REQUEST_FORMAT_HINT}")
     return loaded
+
+
+def _describe_json_value(value: object) -> str:
+    if value is None:
+        return "null"
+    for kind, description in JSON_KINDS:
+        if isinstance(value, kind):
+            return description
+    return f"a value of type {type(value).__name__}"
 
 
 def validation_message(error: ValidationError) -> str:
@@ -167,6 +216,13 @@ def validation_message(error: ValidationError) -> str:
         location = ".".join(str(part) for part in item["loc"]) or "request"
         problems.append(f"{location}: {item['msg']}")
     return "invalid sync request: " + "; ".join(problems)
+
+
+def _log_level(args: argparse.Namespace) -> int:
+    """Return the level from --log-level, else from $DBSYNC_LOG_LEVEL, else INFO."""
+    if args.log_level is not None:
+        return logs.level_from_name(args.log_level, origin="--log-level")
+    return logs.level_from_environment(os.environ)
 
 
 def _is_plan_hash(value: str) -> bool:
@@ -179,10 +235,14 @@ def run(args: argparse.Namespace) -> int:
     from dbsync.pipeline.runner import run_sync
     from dbsync.pipeline.termination import write_termination_message
 
-    logs.configure(json_output=True if args.output == "json" else None)
     sync_id = uuid.uuid4()
     dry_run = args.dry_run or "off"
     try:
+        logs.configure(json_output=True if args.output == "json" else None,
+                       level=_log_level(args))
+        if getattr(args, "deprecated_config_option", False):
+            logger.warning("--config is the deprecated old name of --request for dbsync run: "
+                           "pass the request file as --request FILE")
         if args.config:
             fields = request_from_config(args.config)
         elif getattr(args, "config_env", None):

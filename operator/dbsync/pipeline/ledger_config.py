@@ -9,6 +9,7 @@ structural schemas cannot express ``oneOf`` between object shapes.
 
 from __future__ import annotations
 
+import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Self
@@ -290,11 +291,33 @@ def load_ledger_config(path: Path) -> LedgerConfig:
         problem = getattr(error, "problem", None) or "invalid syntax"
         raise ConfigurationError(
             f"ledger configuration {path} is not valid YAML{where}: {problem}") from None
+
     if not isinstance(data, dict):
+        # safe_load returns None both for a file without any YAML node and for an explicit
+        # null, so compose is needed to distinguish them in the message.
+        if data is None and yaml.compose(text, Loader=yaml.SafeLoader) is None:
+            found = "is empty (it contains only comments)" if text.strip() else "is empty"
+        else:
+            found = f"contains {_describe_yaml_value(data)} at the top level"
         raise ConfigurationError(
-            f"ledger configuration {path} must be a YAML mapping with at least a postings "
-            f"section, got {type(data).__name__}")
+            f"ledger configuration {path} {found}: it must be a YAML mapping with at least a "
+            "postings section (see examples/ledger.yaml in the dbsync repository)")
     return parse_ledger_config(data, origin=f"ledger configuration {path}")
+
+
+def _describe_yaml_value(data: object) -> str:
+    """Name the kind of a parsed YAML value in plain words, such as "a list" or "a string"."""
+    # bool comes before int because Python's bool is a subclass of int.
+    kinds: tuple[tuple[type, str], ...] = (
+        (bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+        (list, "a list"), (set, "a set"), (bytes, "binary data"), (datetime.date, "a date"),
+    )
+    if data is None:
+        return "null"
+    for kind, description in kinds:
+        if isinstance(data, kind):
+            return description
+    return f"a value of type {type(data).__name__}"
 
 
 def _describe_validation_error(error: pydantic.ValidationError) -> str:

@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
 
 from dbsync.pipeline.dsn import redact_text
+from dbsync.pipeline.errors import ConfigurationError
+
+# Environment variable that sets the log level when no --log-level option is given.
+LOG_LEVEL_VARIABLE = "DBSYNC_LOG_LEVEL"
+
+# Level names accepted by --log-level and DBSYNC_LOG_LEVEL, from most to least verbose.
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+          "error": logging.ERROR}
 
 _extra_secrets: set[str] = set()
 
@@ -41,6 +49,27 @@ def redact_processor(
     for key in list(event_dict):
         event_dict[key] = _redact(event_dict[key])
     return event_dict
+
+
+def level_from_name(name: str, *, origin: str) -> int:
+    """Return the logging level for ``name`` (any letter case), such as ``logging.WARNING``.
+
+    Raises ConfigurationError naming ``origin`` (an option or variable) for an unknown name.
+    """
+    level = LEVELS.get(name.strip().lower())
+    if level is None:
+        raise ConfigurationError(
+            f"{origin} is {name!r}, which is not a log level: use one of "
+            f"{', '.join(LEVELS)}")
+    return level
+
+
+def level_from_environment(environ: Mapping[str, str], *, default: int = logging.INFO) -> int:
+    """Return the level that ``DBSYNC_LOG_LEVEL`` sets, or ``default`` when it is unset or empty."""
+    name = environ.get(LOG_LEVEL_VARIABLE, "")
+    if not name.strip():
+        return default
+    return level_from_name(name, origin=f"${LOG_LEVEL_VARIABLE}")
 
 
 def configure(*, json_output: bool | None = None, level: int = logging.INFO,
