@@ -4,7 +4,7 @@ Runs ``dbsync operator`` as a real process against the Kubernetes API emulator a
 throwaway PostgreSQL, and prints each figure next to a baseline measured in the same run:
 
 1. create-to-Ready latency of a no-op sync (goal: p50 at most 1 s), against the same sync
-   run directly as ``dbsync run --config -`` (the child process the operator starts);
+   run directly as ``dbsync run --request -`` (the child process the operator starts);
 2. the operator's peak RSS (psutil, the operator process without its children) while 100
    resources are created and synced (goal: at most 150 MB), against its idle RSS;
 3. one whole sync through the operator of 500 tables in 20 revisions with 1,000,000
@@ -99,7 +99,7 @@ def run_direct(request: dict[str, Any]) -> float:
     """Run one sync as the operator's child would and return its wall-clock seconds."""
     started = time.monotonic()
     completed = subprocess.run(
-        [sys.executable, "-m", "dbsync.cli.main", "run", "--config", "-", "--output", "json"],
+        [sys.executable, "-m", "dbsync.cli.main", "run", "--request", "-", "--output", "json"],
         input=json.dumps(request), capture_output=True, text=True, check=False)
     elapsed = time.monotonic() - started
     if completed.returncode != 0:

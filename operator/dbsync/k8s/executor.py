@@ -1,4 +1,4 @@
-"""Run each sync in a child process: ``python -m dbsync.cli.main run --config - --output json``.
+"""Run each sync in a child process: ``python -m dbsync.cli.main run --request - --output json``.
 
 A child process per sync keeps Alembic's module-global state, blocking database drivers and
 a crash in one sync away from the operator's event loop.  The request, credentials
@@ -25,10 +25,10 @@ from dbsync.pipeline.dsn import redact_text
 
 logger = logging.getLogger("dbsync.k8s.executor")
 
-CHILD_COMMAND = ("-m", "dbsync.cli.main", "run", "--config", "-", "--output", "json")
+CHILD_COMMAND = ("-m", "dbsync.cli.main", "run", "--request", "-", "--output", "json")
 
 # The same request computes a plan instead (approval.mode Manual); no spare child runs it.
-PLAN_COMMAND = ("-m", "dbsync.cli.main", "plan", "--config", "-", "--output", "json")
+PLAN_COMMAND = ("-m", "dbsync.cli.main", "plan", "--request", "-", "--output", "json")
 
 # Only the end of a child's log is kept: enough for the error that stopped it.
 STDERR_TAIL_CHARACTERS = 4000
