@@ -4,11 +4,16 @@ Generates a side-column ledger (two legs per transaction, three currencies) on a
 ``LocalPostgres``, then times, in the same run:
 
 1. the baseline ``SELECT count(*), sum(amount) FROM postings``;
-2. dbsync's ``transaction_balance`` plus ``trial_balance`` checks;
-3. dbsync's full default set (without a source, so fingerprint is skipped);
+2. two grouping floors, split into the same parallel transaction ranges as dbsync's
+   shared pass: only ``count(*)`` per transaction, then only ``sum(amount)`` per
+   transaction.  An exact per-transaction balance check groups every transaction and sums
+   its amounts, so it cannot do less work than the second floor, and its ratio bounds
+   what any such check can reach in PostgreSQL;
+3. dbsync's ``transaction_balance`` plus ``trial_balance`` checks;
+4. dbsync's full default set (without a source, so fingerprint is skipped);
 
 first without and then with the recommended covering index, and prints each time as a
-ratio to the baseline.  Goals: at most 1.5 for step 2 and at most 3 for step 3.
+ratio to the baseline.  Goals: at most 1.5 for step 3 and at most 3 for step 4.
 
 Usage: ``python bench/bench_ledger.py [--rows 10000000] [--repeat 3]``
 """
@@ -25,7 +30,9 @@ from collections.abc import Callable
 import psycopg
 
 from dbsync.pipeline.ledger import CheckStatus, LedgerConfig, run_ledger_checks
+from dbsync.pipeline.ledger_checks import transaction_ranges
 from dbsync.pipeline.ledger_config import parse_ledger_config
+from dbsync.pipeline.ledger_sql import resolve_ledger
 from dbsync.testing.postgres import LocalPostgres
 
 ACCOUNTS = 1000
@@ -74,6 +81,26 @@ def ledger_config(checks: list[str] | None) -> LedgerConfig:
     }, origin="benchmark configuration")
 
 
+def grouping_floor_query(dsn: str, aggregate: str) -> str:
+    """Compute ``aggregate`` per transaction, in the ranges dbsync's shared pass would use.
+
+    The outer count of groups whose value is zero keeps PostgreSQL from dropping the
+    aggregate as unused.
+    """
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        schema = resolve_ledger(connection, ledger_config(None))
+        ranges = transaction_ranges(schema, connection)
+    branches = []
+    for start, stop in ranges:
+        conditions = [f"transaction_id >= {start}" if start is not None else "true",
+                      f"transaction_id < {stop}" if stop is not None else "true"]
+        branches.append(
+            "SELECT count(*) FILTER (WHERE t.value = 0) AS zero FROM (SELECT transaction_id, "
+            f"{aggregate} AS value FROM postings WHERE {' AND '.join(conditions)} "
+            "GROUP BY transaction_id) AS t")
+    return f"SELECT sum(zero) FROM ({' UNION ALL '.join(branches)}) AS b"
+
+
 def median_seconds(action: Callable[[], None], repeat: int) -> float:
     timings = []
     for _ in range(repeat):
@@ -116,6 +143,16 @@ def measure(dsn: str, repeat: int, label: str) -> dict[str, float]:
 
     per_check: dict[str, float] = {}
     baseline()
+    def grouping_floor(aggregate: str) -> Callable[[], None]:
+        query = grouping_floor_query(dsn, aggregate)
+
+        def action() -> None:
+            with psycopg.connect(dsn, autocommit=True) as connection:
+                connection.execute(query).fetchall()
+        return action
+
+    count_floor_seconds = median_seconds(grouping_floor("count(*)"), repeat)
+    sum_floor_seconds = median_seconds(grouping_floor("sum(amount)"), repeat)
     pair_seconds = median_seconds(run_checks(["transaction_balance", "trial_balance"]), repeat)
     baseline()
     full_seconds = median_seconds(run_checks(None), repeat)
@@ -125,13 +162,18 @@ def measure(dsn: str, repeat: int, label: str) -> dict[str, float]:
     print(f"\n{label}")
     print(f"  baseline count+sum scan          {baseline_seconds:8.2f} s  (runs: "
           f"{', '.join(f'{seconds:.2f}' for seconds in baseline_timings)})")
+    print(f"  floor: count(*) per transaction  {count_floor_seconds:8.2f} s  "
+          f"ratio {count_floor_seconds / baseline_seconds:5.2f}")
+    print(f"  floor: sum(amount) per txn       {sum_floor_seconds:8.2f} s  "
+          f"ratio {sum_floor_seconds / baseline_seconds:5.2f}")
     print(f"  transaction_balance+trial        {pair_seconds:8.2f} s  "
           f"ratio {pair_seconds / baseline_seconds:5.2f}  (goal <= 1.5)")
     print(f"  full default set                 {full_seconds:8.2f} s  "
           f"ratio {full_seconds / baseline_seconds:5.2f}  (goal <= 3)")
     for name, seconds in per_check.items():
         print(f"    {name:<30} {seconds:8.2f} s  ratio {seconds / baseline_seconds:5.2f}")
-    return {"baseline": baseline_seconds, "pair": pair_seconds, "full": full_seconds}
+    return {"baseline": baseline_seconds, "count_floor": count_floor_seconds,
+            "sum_floor": sum_floor_seconds, "pair": pair_seconds, "full": full_seconds}
 
 
 def main() -> None:

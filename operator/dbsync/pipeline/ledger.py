@@ -29,6 +29,7 @@ from dbsync.pipeline.ledger_checks import (
     CheckOutcome,
     Connection,
     TransactionSummary,
+    can_split_transactions,
     check_field_sanity,
     check_minimum_legs,
     check_mixed_currency,
@@ -273,18 +274,27 @@ def _run_all(*, target_dsn: str, config: LedgerConfig, source_dsn: str | None,
             logger.warning("ledger money column %s is floating point: checks use its text form "
                            "as an exact decimal", warning)
 
-        # Two or more per-transaction checks share one grouping pass, which runs inside
-        # the first of them and is timed with it.  If the pass times out there, the next
-        # grouped check runs it again.
-        shared = len(_GROUPED_CHECKS.intersection(selected)) >= 2
+        # Per-transaction checks share one grouping pass, which runs inside the first of
+        # them and is timed with it.  If the pass times out there, the next grouped check
+        # runs it again.  A single grouped check uses the pass only when it can read
+        # transaction ranges in parallel; otherwise its own narrower query is cheaper.
+        # When orphans runs as well and headers are configured, the pass also looks up
+        # each transaction's header, which is cheaper than joining every posting to them.
+        grouped = _GROUPED_CHECKS.intersection(selected)
+        if len(grouped) < 2 and not can_split_transactions(schema):
+            grouped = frozenset()
+        headers_in_pass = (CheckName.ORPHANS in selected and bool(grouped)
+                           and schema.transactions is not None)
         summaries: list[TransactionSummary] = []
 
         def run_check(name: CheckName) -> CheckOutcome:
             check = _TARGET_CHECKS[name]
-            if not (shared and name in _GROUPED_CHECKS):
+            uses_pass = name in grouped or (name is CheckName.ORPHANS and headers_in_pass)
+            if not uses_pass:
                 return check(schema, target, limit=limit)
             if not summaries:
-                summaries.append(summarize_transactions(schema, target))
+                summaries.append(summarize_transactions(schema, target,
+                                                        with_headers=headers_in_pass))
             return check(schema, target, limit=limit, summary=summaries[0])
 
         for name in selected:

@@ -80,13 +80,18 @@ def _transaction_key(schema: LedgerSchema, transaction: object, currency: object
 @dataclass(frozen=True)
 class TransactionSummary:
     """Counts of one grouping pass that serve transaction_balance, minimum_legs and
-    mixed_currency together, so the postings are grouped once instead of three times."""
+    mixed_currency together, so the postings are grouped once instead of three times.
+
+    ``headerless_legs`` counts postings whose transaction has no header row, for orphans;
+    it is None when the pass did not look the headers up.
+    """
 
     legs: int
     unbalanced_groups: int
     unknown_legs: int
     one_sided_transactions: int
     mixed_transactions: int
+    headerless_legs: int | None = None
 
 
 def _balance_groups(schema: LedgerSchema) -> sql.Composed:
@@ -100,32 +105,171 @@ def _balance_groups(schema: LedgerSchema) -> sql.Composed:
              currency_group=schema.currency_group, postings=schema.postings_table)
 
 
-def summarize_transactions(schema: LedgerSchema, connection: Connection) -> TransactionSummary:
+# Bits of the per-transaction flags aggregate: one bit_or over small integers replaces a
+# count per property, which matters when millions of transactions are grouped.
+_HAS_DEBIT = 1
+_HAS_CREDIT = 2
+_HAS_NULL_CURRENCY = 4
+_HAS_CURRENCY = 8
+
+# Upper bound on the number of transaction ranges read in parallel.
+MAX_TRANSACTION_RANGES = 8
+
+
+def can_split_transactions(schema: LedgerSchema) -> bool:
+    """Whether an index leads with an integer transaction id, so ranges read cheaply."""
+    column = schema.transaction_id
+    return column.is_integer and column.name in schema.postings.index_leading_columns
+
+
+def transaction_ranges(schema: LedgerSchema, connection: Connection
+                       ) -> tuple[tuple[int | None, int | None], ...]:
+    """Split the transaction ids into ranges that parallel workers can group on their own.
+
+    PostgreSQL groups by transaction in one process, even when the scan below is parallel.
+    Grouping disjoint id ranges in separate branches of a UNION ALL lets it run the branches
+    in parallel workers (a Parallel Append), each branch finishing its own transactions.
+    A split pays off only when an index leads with an integer transaction id, so that each
+    branch reads its range alone.  Otherwise one range covers every id.
+    """
+    whole: tuple[tuple[int | None, int | None], ...] = ((None, None),)
+    if not can_split_transactions(schema):
+        return whole
+    workers = connection.execute(
+        "SELECT current_setting('max_parallel_workers_per_gather')::int").fetchone()
+    # The leader runs a branch too, so a query can use one branch more than it has workers.
+    branches = min(_as_int(workers[0] if workers else 0) + 1, MAX_TRANSACTION_RANGES)
+    lowest, highest = _fetch_one(connection, sql.SQL(
+        "SELECT min({txn}), max({txn}) FROM {postings}").format(
+            txn=schema.transaction_ref, postings=schema.postings_table))
+    if branches < 2 or not isinstance(lowest, int) or not isinstance(highest, int):
+        return whole
+    span = highest - lowest + 1
+    if span < branches:
+        return whole
+    bounds = [lowest + span * index // branches for index in range(1, branches)]
+    starts: list[int | None] = [None, *bounds]
+    stops: list[int | None] = [*bounds, None]
+    return tuple(zip(starts, stops, strict=True))
+
+
+def _range_condition(schema: LedgerSchema, start: int | None, stop: int | None
+                     ) -> sql.Composable:
+    """WHERE clause of one transaction range; open ends keep rows outside min..max in."""
+    conditions: list[sql.Composable] = []
+    if start is not None:
+        conditions.append(sql.SQL("{} >= {}").format(schema.transaction_ref, sql.Literal(start)))
+    if stop is not None:
+        conditions.append(sql.SQL("{} < {}").format(schema.transaction_ref, sql.Literal(stop)))
+    if not conditions:
+        return sql.SQL("")
+    return sql.SQL("WHERE {}").format(sql.SQL(" AND ").join(conditions))
+
+
+def _header_keys(schema: LedgerSchema, start: int | None, stop: int | None) -> sql.Composed:
+    """Transaction header ids in one range, as the join target of the summary pass."""
+    assert schema.transactions is not None
+    assert schema.header_id is not None
+    header_id = sql.Identifier(schema.header_id.name)
+    conditions: list[sql.Composable] = []
+    if schema.header_id.is_integer:
+        if start is not None:
+            conditions.append(sql.SQL("{} >= {}").format(header_id, sql.Literal(start)))
+        if stop is not None:
+            conditions.append(sql.SQL("{} < {}").format(header_id, sql.Literal(stop)))
+    where: sql.Composable = sql.SQL("")
+    if conditions:
+        where = sql.SQL("WHERE {}").format(sql.SQL(" AND ").join(conditions))
+    distinct = sql.SQL("") if schema.header_id.name in schema.transactions.unique_columns else (
+        sql.SQL("DISTINCT "))
+    return sql.SQL("(SELECT {distinct}{id} FROM {table} {where}) AS h").format(
+        distinct=distinct, id=header_id, table=schema.transactions.identifier, where=where)
+
+
+def _summary_branch(schema: LedgerSchema, start: int | None, stop: int | None, *,
+                    null_transactions: bool = False, with_headers: bool = False
+                    ) -> sql.Composed:
+    """Group one range of transactions and count each check's violations within it.
+
+    With ``with_headers`` each group is also looked up among the transaction headers of
+    the same range, which costs far less than joining every posting to the headers.
+    """
+    where: sql.Composable = _range_condition(schema, start, stop)
+    if null_transactions:
+        where = sql.SQL("WHERE {} IS NULL").format(schema.transaction_ref)
+    headers: sql.Composable = sql.SQL("")
+    headerless: sql.Composable = sql.SQL("NULL::bigint")
+    if with_headers and null_transactions:
+        # A posting without a transaction id has no header to miss.
+        headerless = sql.SQL("0::bigint")
+    elif with_headers:
+        headers = sql.SQL("LEFT JOIN {} ON {} = t.txn").format(
+            _header_keys(schema, start, stop), schema.header_id_ref())
+        headerless = sql.SQL(
+            "coalesce(sum(t.legs) FILTER (WHERE t.txn IS NOT NULL AND {} IS NULL), 0)"
+        ).format(schema.header_id_ref())
+    flags = sql.SQL(
+        "bit_or(CASE WHEN {debit} THEN {has_debit} ELSE 0 END "
+        "| CASE WHEN {credit} THEN {has_credit} ELSE 0 END "
+        "| CASE WHEN {currency} IS NULL THEN {null_currency} ELSE {with_currency} END)"
+    ).format(debit=schema.is_debit(), credit=schema.is_credit(),
+             currency=schema.currency_group, has_debit=sql.Literal(_HAS_DEBIT),
+             has_credit=sql.Literal(_HAS_CREDIT), null_currency=sql.Literal(_HAS_NULL_CURRENCY),
+             with_currency=sql.Literal(_HAS_CURRENCY))
+    both_sides = sql.Literal(_HAS_DEBIT | _HAS_CREDIT)
+    both_currency_kinds = sql.Literal(_HAS_NULL_CURRENCY | _HAS_CURRENCY)
+    currencies: sql.Composable
+    if schema.currency is not None:
+        currencies = sql.SQL("min({currency}) AS first_currency, max({currency}) AS "
+                             "last_currency").format(currency=schema.currency_group)
+        mixed = sql.SQL("t.first_currency <> t.last_currency")
+    else:
+        currencies = sql.SQL("NULL AS first_currency")
+        mixed = sql.SQL("false")
+    return sql.SQL(
+        "SELECT coalesce(sum(t.legs), 0) AS legs, "
+        "count(*) FILTER (WHERE t.net <> 0 OR t.known_legs < t.legs) AS unbalanced, "
+        "coalesce(sum(t.legs - t.known_legs), 0) AS unknown_legs, "
+        "count(*) FILTER (WHERE t.flags & {both_sides} <> {both_sides}) AS one_sided, "
+        "count(*) FILTER (WHERE {mixed}) AS mixed, "
+        "count(*) FILTER (WHERE {mixed} OR t.flags & {both_kinds} = {both_kinds}) AS split, "
+        "{headerless} AS headerless_legs "
+        "FROM (SELECT {txn} AS txn, {net_sum} AS net, count(*) AS legs, "
+        "count(*) FILTER (WHERE {known}) AS known_legs, {flags} AS flags, {currencies} "
+        "FROM {postings} {where} GROUP BY {txn}) AS t {headers}"
+    ).format(both_sides=both_sides, mixed=mixed, both_kinds=both_currency_kinds,
+             headerless=headerless, net_sum=schema.net_sum(), known=schema.leg_is_known(),
+             flags=flags, currencies=currencies, postings=schema.postings_table, where=where,
+             txn=schema.transaction_ref, headers=headers)
+
+
+def summarize_transactions(schema: LedgerSchema, connection: Connection, *,
+                           with_headers: bool = False) -> TransactionSummary:
     """Count the violations of the three per-transaction checks in one grouping pass.
 
-    The pass groups by transaction alone.  A transaction whose legs all carry one currency
-    is one (transaction, currency) group, so its net decides transaction_balance.  Only
-    when some transaction has legs in several currencies, or legs without a currency next
-    to legs with one, is the per-currency grouping run as well to count its groups.
+    The pass groups by transaction alone, in parallel ranges when an index allows it (see
+    :func:`transaction_ranges`); rows with a NULL transaction id form one more group.  A
+    transaction whose legs all carry one currency is one (transaction, currency) group, so
+    its net decides transaction_balance.  Only when some transaction has legs in several
+    currencies, or legs without a currency next to legs with one, is the per-currency
+    grouping run as well to count its groups.  With ``with_headers`` (which needs a
+    configured transactions table) the pass also counts legs without a header.
     """
-    legs, unbalanced, unknown, one_sided, mixed, split = _fetch_one(connection, sql.SQL(
-        "SELECT coalesce(sum(t.legs), 0), "
-        "count(*) FILTER (WHERE t.net <> 0 OR t.known_legs < t.legs), "
-        "coalesce(sum(t.legs - t.known_legs), 0), "
-        "count(*) FILTER (WHERE t.debit_legs = 0 OR t.credit_legs = 0), "
-        "count(*) FILTER (WHERE t.first_currency <> t.last_currency), "
-        "count(*) FILTER (WHERE t.first_currency <> t.last_currency "
-        "OR (t.with_currency > 0 AND t.with_currency < t.legs)) "
-        "FROM (SELECT {txn} AS txn, {net_sum} AS net, count(*) AS legs, "
-        "count(*) FILTER (WHERE {known}) AS known_legs, "
-        "count(*) FILTER (WHERE {debit}) AS debit_legs, "
-        "count(*) FILTER (WHERE {credit}) AS credit_legs, "
-        "min({currency}) AS first_currency, max({currency}) AS last_currency, "
-        "count({currency}) AS with_currency "
-        "FROM {postings} GROUP BY {txn}) AS t"
-    ).format(txn=schema.transaction_ref, net_sum=schema.net_sum(), known=schema.leg_is_known(),
-             debit=schema.is_debit(), credit=schema.is_credit(), currency=schema.currency_group,
-             postings=schema.postings_table))
+    with_headers = with_headers and schema.transactions is not None
+    ranges = transaction_ranges(schema, connection)
+    branches: list[sql.Composable] = [
+        _summary_branch(schema, start, stop, with_headers=with_headers)
+        for start, stop in ranges]
+    if len(ranges) > 1:
+        branches.append(_summary_branch(schema, None, None, null_transactions=True,
+                                        with_headers=with_headers))
+    legs, unbalanced, unknown, one_sided, mixed, split, headerless = _fetch_one(
+        connection, sql.SQL(
+            "SELECT coalesce(sum(b.legs), 0), coalesce(sum(b.unbalanced), 0), "
+            "coalesce(sum(b.unknown_legs), 0), coalesce(sum(b.one_sided), 0), "
+            "coalesce(sum(b.mixed), 0), coalesce(sum(b.split), 0), sum(b.headerless_legs) "
+            "FROM ({branches}) AS b"
+        ).format(branches=sql.SQL(" UNION ALL ").join(branches)))
 
     if _as_int(split):
         # Per-transaction nets cannot tell which currency is off, so count the groups.
@@ -135,7 +279,8 @@ def summarize_transactions(schema: LedgerSchema, connection: Connection) -> Tran
     return TransactionSummary(legs=_as_int(legs), unbalanced_groups=_as_int(unbalanced),
                               unknown_legs=_as_int(unknown),
                               one_sided_transactions=_as_int(one_sided),
-                              mixed_transactions=_as_int(mixed))
+                              mixed_transactions=_as_int(mixed),
+                              headerless_legs=_as_int(headerless) if with_headers else None)
 
 
 SHARED_GROUPING_NOTE = " (counted in the grouping pass shared by the per-transaction checks)"
@@ -334,14 +479,22 @@ def _field_rules(schema: LedgerSchema) -> list[tuple[str, sql.Composable]]:
         rules.append(("both debit and credit", sql.SQL("({} <> 0 AND {} <> 0)").format(
             schema.debit_value(), schema.credit_value())))
 
-    # Integer amounts are minor units already, so only decimal columns can carry extra digits.
+    # Integer amounts are minor units already, so only decimal columns can carry extra
+    # digits, and a numeric(p,s) column cannot when no currency allows fewer than s places.
+    # min_scale() is the exact test; the cheap scale() in front of it skips most rows.
     minor_units = schema.minor_units()
+    fewest_units = schema.fewest_minor_units()
     for column in schema.amount_columns:
         if column.is_integer:
             continue
+        rule = f"more decimals than the currency allows in {column.name}"
+        declared = column.declared_scale
+        if declared is not None and declared <= fewest_units:
+            rules.append((rule, sql.SQL("false")))
+            continue
         value = exact_value("p", column)
-        rules.append((f"more decimals than the currency allows in {column.name}",
-                      sql.SQL("{} <> round({}, {})").format(value, value, minor_units)))
+        rules.append((rule, sql.SQL("(scale({value}) > {units} AND min_scale({value}) > {units})")
+                      .format(value=value, units=minor_units)))
     return rules
 
 
@@ -351,15 +504,20 @@ def check_field_sanity(schema: LedgerSchema, connection: Connection, *,
     rules = _field_rules(schema)
     any_rule = sql.SQL(" OR ").join(sql.SQL("coalesce({}, false)").format(condition)
                                     for _, condition in rules)
-    counts = _fetch_one(connection, sql.SQL(
-        "SELECT count(*), count(*) FILTER (WHERE {any_rule}), {per_rule} FROM {postings}"
-    ).format(any_rule=any_rule,
-             per_rule=sql.SQL(", ").join(
-                 sql.SQL("count(*) FILTER (WHERE {})").format(condition)
-                 for _, condition in rules),
-             postings=schema.postings_table))
-    rows, bad_rows = _as_int(counts[0]), _as_int(counts[1])
-    per_rule = {name: _as_int(count) for (name, _), count in zip(rules, counts[2:], strict=True)}
+    rows, bad_rows = (_as_int(value) for value in _fetch_one(connection, sql.SQL(
+        "SELECT count(*), count(*) FILTER (WHERE {any_rule}) FROM {postings}"
+    ).format(any_rule=any_rule, postings=schema.postings_table)))
+
+    # Counting each rule apart evaluates every condition again, so only a failing ledger
+    # pays for it.
+    per_rule = {name: 0 for name, _ in rules}
+    if bad_rows:
+        counts = _fetch_one(connection, sql.SQL("SELECT {per_rule} FROM {postings}").format(
+            per_rule=sql.SQL(", ").join(sql.SQL("count(*) FILTER (WHERE {})").format(condition)
+                                        for _, condition in rules),
+            postings=schema.postings_table))
+        per_rule = {name: _as_int(count)
+                    for (name, _), count in zip(rules, counts, strict=True)}
 
     keys: list[str] = []
     if bad_rows:
@@ -422,10 +580,17 @@ def _distinct_keys(table: sql.Composable, column: sql.Composable, *, unique: boo
         column=column, table=table, alias=sql.Identifier(alias))
 
 
-def check_orphans(schema: LedgerSchema, connection: Connection, *, limit: int) -> CheckOutcome:
-    """Find postings without their transaction header or with an account not in accounts."""
+def check_orphans(schema: LedgerSchema, connection: Connection, *, limit: int,
+                  summary: TransactionSummary | None = None) -> CheckOutcome:
+    """Find postings without their transaction header or with an account not in accounts.
+
+    A ``summary`` that counted headerless legs answers the header half.  When it and the
+    account lookup find nothing, the check passes without joining every posting to the
+    headers; otherwise the full query below counts and names the orphans.
+    """
     joins: list[sql.Composable] = []
     conditions: list[tuple[str, sql.Composable]] = []
+    account_join: sql.Composable | None = None
     if schema.transactions is not None:
         assert schema.header_id is not None
         headers = _distinct_keys(schema.transactions.identifier,
@@ -443,10 +608,24 @@ def check_orphans(schema: LedgerSchema, connection: Connection, *, limit: int) -
                                   sql.Identifier(schema.account_id.name),
                                   unique=schema.account_id.name in schema.accounts.unique_columns,
                                   alias="a")
-        joins.append(sql.SQL("LEFT JOIN {} ON {} = {}").format(
-            accounts, schema.account_id_ref(), schema.account_ref))
+        account_join = sql.SQL("LEFT JOIN {} ON {} = {}").format(
+            accounts, schema.account_id_ref(), schema.account_ref)
+        joins.append(account_join)
         conditions.append(("unknown account", sql.SQL("({} IS NOT NULL AND {} IS NULL)").format(
             schema.account_ref, schema.account_id_ref())))
+
+    if summary is not None and summary.headerless_legs == 0:
+        unknown_accounts = 0
+        if account_join is not None:
+            unknown_accounts = _as_int(_fetch_one(connection, sql.SQL(
+                "SELECT count(*) FILTER (WHERE {condition}) FROM {postings} {join}"
+            ).format(condition=conditions[-1][1], postings=schema.postings_table,
+                     join=account_join))[0])
+        if not unknown_accounts:
+            return CheckOutcome(
+                rows_examined=summary.legs, violations=0, offending_keys=(),
+                message="0 postings without a matching row" + SHARED_GROUPING_NOTE,
+                details={"kinds": {name: 0 for name, _ in conditions}})
 
     source = sql.SQL("{} {}").format(schema.postings_table, sql.SQL(" ").join(joins))
     any_orphan = sql.SQL(" OR ").join(condition for _, condition in conditions)

@@ -8,6 +8,7 @@ currency codes reach SQL only as ``psycopg.sql.Literal``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -28,6 +29,9 @@ FLOAT_TYPES = frozenset({"float4", "float8"})
 INTEGER_TYPES = frozenset({"int2", "int4", "int8"})
 AMOUNT_TYPES = FLOAT_TYPES | INTEGER_TYPES | {"numeric", "money"}
 DATE_TYPES = frozenset({"date", "timestamp", "timestamptz"})
+
+# format_type() of a numeric column with a declared precision and scale.
+_DECLARED_NUMERIC = re.compile(r"numeric\(\d+,(\d+)\)")
 
 # Ordinary tables, partitioned tables, views, materialized views and foreign tables.
 _READABLE_RELKINDS = ("r", "p", "v", "m", "f")
@@ -60,6 +64,17 @@ JOIN pg_catalog.pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = i.in
 WHERE i.indrelid = %(oid)s AND i.indisunique AND i.indnkeyatts = 1 AND i.indpred IS NULL
 """
 
+# Columns that lead a valid, non-partial B-tree index: a range of their values can be read
+# without scanning the whole table.
+_LIST_INDEX_LEADING_COLUMNS = """
+SELECT DISTINCT a.attname
+FROM pg_catalog.pg_index AS i
+JOIN pg_catalog.pg_class AS index_class ON index_class.oid = i.indexrelid
+JOIN pg_catalog.pg_am AS am ON am.oid = index_class.relam
+JOIN pg_catalog.pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+WHERE i.indrelid = %(oid)s AND am.amname = 'btree' AND i.indisvalid AND i.indpred IS NULL
+"""
+
 
 @dataclass(frozen=True)
 class Column:
@@ -77,6 +92,12 @@ class Column:
     def is_integer(self) -> bool:
         return self.base_type in INTEGER_TYPES
 
+    @property
+    def declared_scale(self) -> int | None:
+        """Decimal places a ``numeric(p,s)`` column rounds every value to, else None."""
+        match = _DECLARED_NUMERIC.fullmatch(self.type_name)
+        return int(match.group(1)) if match else None
+
 
 @dataclass(frozen=True)
 class Table:
@@ -86,6 +107,7 @@ class Table:
     name: str
     columns: Mapping[str, Column]
     unique_columns: frozenset[str]
+    index_leading_columns: frozenset[str] = frozenset()
 
     @property
     def identifier(self) -> sql.Identifier:
@@ -129,8 +151,10 @@ def find_table(connection: psycopg.Connection[tuple[object, ...]], configured: s
     }
     unique = frozenset(
         str(row[0]) for row in connection.execute(_LIST_UNIQUE_COLUMNS, {"oid": oid}))
+    leading = frozenset(
+        str(row[0]) for row in connection.execute(_LIST_INDEX_LEADING_COLUMNS, {"oid": oid}))
     return Table(schema=str(found_schema), name=str(found_name), columns=columns,
-                 unique_columns=unique)
+                 unique_columns=unique, index_leading_columns=leading)
 
 
 def find_column(table: Table, name: str, *, field: str,
@@ -370,6 +394,14 @@ class LedgerSchema:
             for code, units in sorted(config.minor_units.items()))
         return sql.SQL("(CASE {} {} ELSE {} END)").format(
             self.currency_ref, branches, sql.Literal(config.default_minor_units))
+
+    def fewest_minor_units(self) -> int:
+        """The smallest number of decimal places any posting's currency allows."""
+        config = self.config
+        if self.currency is None:
+            assert config.postings.fixed_currency is not None
+            return config.minor_units_for(config.postings.fixed_currency)
+        return min([config.default_minor_units, *config.minor_units.values()])
 
     def normalized_amounts(self) -> list[sql.Composable]:
         """Amount columns with trailing zeros removed, so numeric(18,2) matches numeric(20,4)."""
