@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from dbsync.pipeline.ledger import CheckName, CheckStatus, run_ledger_checks
+from dbsync.pipeline.ledger import CheckName, CheckResult, CheckStatus, run_ledger_checks
 from dbsync.pipeline.ledger_checks import (
     CheckOutcome,
     Connection,
@@ -79,11 +79,13 @@ def test_parallel_ranges_count_what_single_checks_count(ledger_dsn: str, style: 
 
         connection.execute("SET max_parallel_workers_per_gather = 3")
         ranges = transaction_ranges(schema, connection)
-        split = summarize_transactions(schema, connection, with_headers=True)
+        split = summarize_transactions(schema, connection, with_headers=True,
+                                       with_currency_totals=True)
         together = outcomes(schema, connection, split)
 
         connection.execute("SET max_parallel_workers_per_gather = 0")
-        unsplit = summarize_transactions(schema, connection, with_headers=True)
+        unsplit = summarize_transactions(schema, connection, with_headers=True,
+                                         with_currency_totals=True)
 
     assert len(ranges) == 4
     assert split == unsplit
@@ -165,3 +167,33 @@ def test_extra_decimals_found_exactly_whatever_the_declared_scale(
     if broken:
         assert sanity.violations == 2
         assert "more decimals than the currency allows in amount" in sanity.message
+
+
+def trial_balance_of(books: LedgerBooks, checks: list[str]) -> CheckResult:
+    result = run_ledger_checks(target_dsn=books.dsn, config=books.config(checks=checks))
+    return next(check for check in result.checks if check.name is CheckName.TRIAL_BALANCE)
+
+
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "single-currency"])
+@pytest.mark.parametrize("style", STYLES)
+def test_trial_balance_from_the_shared_pass_equals_its_own_query(
+        ledger_dsn: str, style: str, mixed: bool) -> None:
+    """Currency totals taken from the shared pass match trial_balance's own scan."""
+    books = make_books(ledger_dsn, style)
+    books.add_transaction(3, [(1, "USD", "10.00"), (2, "USD", "-9.99")])
+    books.add_transaction(8, [(1, "GBP", "7.00"), (2, "GBP", None)])
+    books.add_transaction(9, [(1, None, "2.00"), (2, None, "-2.00")])
+    if mixed:
+        books.add_transaction(41, [(1, "USD", "10.00"), (4, "EUR", "-10.00")])
+    index_transactions(books)
+
+    alone = trial_balance_of(books, ["trial_balance"])
+    shared = trial_balance_of(books, ["transaction_balance", "trial_balance"])
+
+    assert (shared.status, shared.violations, shared.offending_keys, shared.rows_examined,
+            shared.details) == (alone.status, alone.violations, alone.offending_keys,
+                                alone.rows_examined, alone.details)
+    assert alone.offending_keys == (("EUR", "GBP", "USD") if mixed else ("GBP", "USD"))
+    # A transaction in two currencies cannot be totalled per transaction, so the check
+    # falls back to its own scan and says nothing about the shared pass.
+    assert ("shared by the per-transaction checks" in shared.message) is not mixed

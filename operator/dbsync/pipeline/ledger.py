@@ -280,21 +280,28 @@ def _run_all(*, target_dsn: str, config: LedgerConfig, source_dsn: str | None,
         # transaction ranges in parallel; otherwise its own narrower query is cheaper.
         # When orphans runs as well and headers are configured, the pass also looks up
         # each transaction's header, which is cheaper than joining every posting to them.
+        # When trial_balance runs as well, the pass totals each currency on the way.
         grouped = _GROUPED_CHECKS.intersection(selected)
         if len(grouped) < 2 and not can_split_transactions(schema):
             grouped = frozenset()
         headers_in_pass = (CheckName.ORPHANS in selected and bool(grouped)
                            and schema.transactions is not None)
+        totals_in_pass = CheckName.TRIAL_BALANCE in selected and bool(grouped)
+        pass_users = set(grouped)
+        if headers_in_pass:
+            pass_users.add(CheckName.ORPHANS)
+        if totals_in_pass:
+            pass_users.add(CheckName.TRIAL_BALANCE)
         summaries: list[TransactionSummary] = []
 
         def run_check(name: CheckName) -> CheckOutcome:
             check = _TARGET_CHECKS[name]
-            uses_pass = name in grouped or (name is CheckName.ORPHANS and headers_in_pass)
-            if not uses_pass:
+            if name not in pass_users:
                 return check(schema, target, limit=limit)
             if not summaries:
-                summaries.append(summarize_transactions(schema, target,
-                                                        with_headers=headers_in_pass))
+                summaries.append(summarize_transactions(
+                    schema, target, with_headers=headers_in_pass,
+                    with_currency_totals=totals_in_pass))
             return check(schema, target, limit=limit, summary=summaries[0])
 
         for name in selected:

@@ -78,12 +78,25 @@ def _transaction_key(schema: LedgerSchema, transaction: object, currency: object
 
 
 @dataclass(frozen=True)
+class CurrencyTotals:
+    """Debit and credit totals of one currency, as trial_balance reports them."""
+
+    currency: str | None
+    legs: int
+    unknown_legs: int
+    debits: Decimal | int
+    credits: Decimal | int
+
+
+@dataclass(frozen=True)
 class TransactionSummary:
     """Counts of one grouping pass that serve transaction_balance, minimum_legs and
     mixed_currency together, so the postings are grouped once instead of three times.
 
     ``headerless_legs`` counts postings whose transaction has no header row, for orphans;
-    it is None when the pass did not look the headers up.
+    it is None when the pass did not look the headers up.  ``currency_totals`` serves
+    trial_balance; it is None when not asked for, or when some transaction spans several
+    currencies, whose totals a per-transaction pass cannot split.
     """
 
     legs: int
@@ -92,6 +105,7 @@ class TransactionSummary:
     one_sided_transactions: int
     mixed_transactions: int
     headerless_legs: int | None = None
+    currency_totals: tuple[CurrencyTotals, ...] | None = None
 
 
 def _balance_groups(schema: LedgerSchema) -> sql.Composed:
@@ -187,22 +201,22 @@ def _header_keys(schema: LedgerSchema, start: int | None, stop: int | None) -> s
 
 
 def _summary_branch(schema: LedgerSchema, start: int | None, stop: int | None, *,
-                    null_transactions: bool = False, with_headers: bool = False
-                    ) -> sql.Composed:
+                    null_transactions: bool = False, with_headers: bool = False,
+                    with_currency_totals: bool = False) -> sql.Composed:
     """Group one range of transactions and count each check's violations within it.
 
     With ``with_headers`` each group is also looked up among the transaction headers of
-    the same range, which costs far less than joining every posting to the headers.
+    the same range, which costs far less than joining every posting to the headers.  With
+    ``with_currency_totals`` the counts come per currency of the transactions, with their
+    debit and credit totals; that is one more small hash table, where a separate
+    trial_balance query would read every posting again.
     """
     where: sql.Composable = _range_condition(schema, start, stop)
     if null_transactions:
         where = sql.SQL("WHERE {} IS NULL").format(schema.transaction_ref)
     headers: sql.Composable = sql.SQL("")
     headerless: sql.Composable = sql.SQL("NULL::bigint")
-    if with_headers and null_transactions:
-        # A posting without a transaction id has no header to miss.
-        headerless = sql.SQL("0::bigint")
-    elif with_headers:
+    if with_headers:
         headers = sql.SQL("LEFT JOIN {} ON {} = t.txn").format(
             _header_keys(schema, start, stop), schema.header_id_ref())
         headerless = sql.SQL(
@@ -218,6 +232,12 @@ def _summary_branch(schema: LedgerSchema, start: int | None, stop: int | None, *
              with_currency=sql.Literal(_HAS_CURRENCY))
     both_sides = sql.Literal(_HAS_DEBIT | _HAS_CREDIT)
     both_currency_kinds = sql.Literal(_HAS_NULL_CURRENCY | _HAS_CURRENCY)
+    sums: sql.Composable = sql.SQL("")
+    totals: sql.Composable = sql.SQL("NULL::numeric AS debits, NULL::numeric AS credits")
+    if with_currency_totals:
+        sums = sql.SQL(", {} AS debits, {} AS credits").format(schema.debit_sum(),
+                                                                schema.credit_sum())
+        totals = sql.SQL("sum(t.debits) AS debits, sum(t.credits) AS credits")
     currencies: sql.Composable
     if schema.currency is not None:
         currencies = sql.SQL("min({currency}) AS first_currency, max({currency}) AS "
@@ -226,25 +246,33 @@ def _summary_branch(schema: LedgerSchema, start: int | None, stop: int | None, *
     else:
         currencies = sql.SQL("NULL AS first_currency")
         mixed = sql.SQL("false")
+    currency_key: sql.Composable = sql.SQL("NULL::text")
+    group: sql.Composable = sql.SQL("")
+    if with_currency_totals:
+        currency_key = (sql.SQL("t.first_currency::text") if schema.currency is not None
+                        else schema.currency_ref)
+        group = sql.SQL("GROUP BY 1")
     return sql.SQL(
-        "SELECT coalesce(sum(t.legs), 0) AS legs, "
+        "SELECT {currency_key} AS currency, coalesce(sum(t.legs), 0) AS legs, "
         "count(*) FILTER (WHERE t.net <> 0 OR t.known_legs < t.legs) AS unbalanced, "
         "coalesce(sum(t.legs - t.known_legs), 0) AS unknown_legs, "
         "count(*) FILTER (WHERE t.flags & {both_sides} <> {both_sides}) AS one_sided, "
         "count(*) FILTER (WHERE {mixed}) AS mixed, "
         "count(*) FILTER (WHERE {mixed} OR t.flags & {both_kinds} = {both_kinds}) AS split, "
-        "{headerless} AS headerless_legs "
+        "{headerless} AS headerless_legs, {totals} "
         "FROM (SELECT {txn} AS txn, {net_sum} AS net, count(*) AS legs, "
-        "count(*) FILTER (WHERE {known}) AS known_legs, {flags} AS flags, {currencies} "
-        "FROM {postings} {where} GROUP BY {txn}) AS t {headers}"
-    ).format(both_sides=both_sides, mixed=mixed, both_kinds=both_currency_kinds,
+        "count(*) FILTER (WHERE {known}) AS known_legs, {flags} AS flags, {currencies}"
+        "{sums} FROM {postings} {where} GROUP BY {txn}) AS t {headers} {group}"
+    ).format(currency_key=currency_key, group=group, totals=totals, sums=sums,
+             both_sides=both_sides, mixed=mixed, both_kinds=both_currency_kinds,
              headerless=headerless, net_sum=schema.net_sum(), known=schema.leg_is_known(),
              flags=flags, currencies=currencies, postings=schema.postings_table, where=where,
              txn=schema.transaction_ref, headers=headers)
 
 
 def summarize_transactions(schema: LedgerSchema, connection: Connection, *,
-                           with_headers: bool = False) -> TransactionSummary:
+                           with_headers: bool = False, with_currency_totals: bool = False
+                           ) -> TransactionSummary:
     """Count the violations of the three per-transaction checks in one grouping pass.
 
     The pass groups by transaction alone, in parallel ranges when an index allows it (see
@@ -253,34 +281,64 @@ def summarize_transactions(schema: LedgerSchema, connection: Connection, *,
     its net decides transaction_balance.  Only when some transaction has legs in several
     currencies, or legs without a currency next to legs with one, is the per-currency
     grouping run as well to count its groups.  With ``with_headers`` (which needs a
-    configured transactions table) the pass also counts legs without a header.
+    configured transactions table) the pass also counts legs without a header, and with
+    ``with_currency_totals`` it totals debits and credits per currency.
     """
     with_headers = with_headers and schema.transactions is not None
     ranges = transaction_ranges(schema, connection)
     branches: list[sql.Composable] = [
-        _summary_branch(schema, start, stop, with_headers=with_headers)
+        _summary_branch(schema, start, stop, with_headers=with_headers,
+                        with_currency_totals=with_currency_totals)
         for start, stop in ranges]
-    if len(ranges) > 1:
+    # Ranges leave out NULL transaction ids, so a nullable column gets a branch for them.
+    # (A branch that the planner proves empty would keep it from planning in parallel.)
+    if len(ranges) > 1 and not schema.transaction_id.not_null:
         branches.append(_summary_branch(schema, None, None, null_transactions=True,
-                                        with_headers=with_headers))
-    legs, unbalanced, unknown, one_sided, mixed, split, headerless = _fetch_one(
-        connection, sql.SQL(
-            "SELECT coalesce(sum(b.legs), 0), coalesce(sum(b.unbalanced), 0), "
-            "coalesce(sum(b.unknown_legs), 0), coalesce(sum(b.one_sided), 0), "
-            "coalesce(sum(b.mixed), 0), coalesce(sum(b.split), 0), sum(b.headerless_legs) "
-            "FROM ({branches}) AS b"
-        ).format(branches=sql.SQL(" UNION ALL ").join(branches)))
+                                        with_headers=with_headers,
+                                        with_currency_totals=with_currency_totals))
+    # Aggregating over the UNION ALL, rather than running it bare, lets the planner flatten
+    # it into one append whose branches go to parallel workers, with a partial aggregate
+    # in each worker.
+    rows = connection.execute(sql.SQL(
+        "SELECT b.currency, sum(b.legs), sum(b.unbalanced), sum(b.unknown_legs), "
+        "sum(b.one_sided), sum(b.mixed), sum(b.split), sum(b.headerless_legs), "
+        "sum(b.debits), sum(b.credits) FROM ({}) AS b GROUP BY b.currency"
+    ).format(sql.SQL(" UNION ALL ").join(branches))).fetchall()
 
-    if _as_int(split):
+    # One row, or one row per currency: add them up.
+    counts = [sum(_as_int(row[column]) for row in rows) for column in range(1, 7)]
+    legs, unbalanced, unknown, one_sided, mixed, split = counts
+    headerless = sum(_as_int(row[7]) for row in rows) if with_headers else None
+    if split:
         # Per-transaction nets cannot tell which currency is off, so count the groups.
-        unbalanced = _fetch_one(connection, sql.SQL(
+        unbalanced = _as_int(_fetch_one(connection, sql.SQL(
             "SELECT count(*) FILTER (WHERE g.net <> 0 OR g.known_legs < g.legs) "
-            "FROM ({groups}) AS g").format(groups=_balance_groups(schema)))[0]
-    return TransactionSummary(legs=_as_int(legs), unbalanced_groups=_as_int(unbalanced),
-                              unknown_legs=_as_int(unknown),
-                              one_sided_transactions=_as_int(one_sided),
-                              mixed_transactions=_as_int(mixed),
-                              headerless_legs=_as_int(headerless) if with_headers else None)
+            "FROM ({groups}) AS g").format(groups=_balance_groups(schema)))[0])
+    totals = _currency_totals(rows) if with_currency_totals and not split else None
+    return TransactionSummary(legs=legs, unbalanced_groups=unbalanced, unknown_legs=unknown,
+                              one_sided_transactions=one_sided, mixed_transactions=mixed,
+                              headerless_legs=headerless, currency_totals=totals)
+
+
+def _currency_totals(rows: Sequence[tuple[object, ...]]) -> tuple[CurrencyTotals, ...]:
+    """Merge the branches' per-currency rows, ordered as trial_balance orders currencies."""
+    merged: dict[str | None, CurrencyTotals] = {}
+    for row in rows:
+        currency = None if row[0] is None else str(row[0])
+        debits = row[8] if isinstance(row[8], Decimal | int) else 0
+        credits = row[9] if isinstance(row[9], Decimal | int) else 0
+        earlier = merged.get(currency)
+        if earlier is not None:
+            debits += earlier.debits
+            credits += earlier.credits
+        merged[currency] = CurrencyTotals(
+            currency=currency,
+            legs=_as_int(row[1]) + (earlier.legs if earlier else 0),
+            unknown_legs=_as_int(row[3]) + (earlier.unknown_legs if earlier else 0),
+            debits=debits, credits=credits)
+    # Ordered as check_trial_balance orders its own rows: by code, then NULL.
+    return tuple(sorted(merged.values(),
+                        key=lambda total: (total.currency is None, total.currency or "")))
 
 
 SHARED_GROUPING_NOTE = " (counted in the grouping pass shared by the per-transaction checks)"
@@ -368,15 +426,25 @@ def check_minimum_legs(schema: LedgerSchema, connection: Connection, *,
                         details={"one_sided": one_sided})
 
 
-def check_trial_balance(schema: LedgerSchema, connection: Connection, *,
-                        limit: int) -> CheckOutcome:
-    """Check that total debits equal total credits in each currency."""
-    rows = connection.execute(sql.SQL(
-        "SELECT {currency}, count(*), count(*) - count(*) FILTER (WHERE {known}), "
-        "{debit_sum}, {credit_sum} FROM {postings} GROUP BY {currency_group} ORDER BY 1"
-    ).format(currency=schema.currency_ref, currency_group=schema.currency_group,
-             known=schema.leg_is_known(), debit_sum=schema.debit_sum(),
-             credit_sum=schema.credit_sum(), postings=schema.postings_table)).fetchall()
+def check_trial_balance(schema: LedgerSchema, connection: Connection, *, limit: int,
+                        summary: TransactionSummary | None = None) -> CheckOutcome:
+    """Check that total debits equal total credits in each currency.
+
+    A ``summary`` with currency totals answers without reading the postings again.
+    """
+    rows: list[tuple[object, ...]]
+    if summary is not None and summary.currency_totals is not None:
+        rows = [(total.currency, total.legs, total.unknown_legs, total.debits, total.credits)
+                for total in summary.currency_totals]
+    else:
+        rows = connection.execute(sql.SQL(
+            "SELECT {currency}, count(*), count(*) - count(*) FILTER (WHERE {known}), "
+            "{debit_sum}, {credit_sum} FROM {postings} GROUP BY {currency_group}"
+        ).format(currency=schema.currency_ref, currency_group=schema.currency_group,
+                 known=schema.leg_is_known(), debit_sum=schema.debit_sum(),
+                 credit_sum=schema.credit_sum(), postings=schema.postings_table)).fetchall()
+        # Sorted here rather than in SQL, so the order never depends on a collation.
+        rows.sort(key=lambda row: (row[0] is None, str(row[0] or "")))
 
     examined = 0
     unknown_total = 0
@@ -399,6 +467,8 @@ def check_trial_balance(schema: LedgerSchema, connection: Connection, *,
                f"{'has' if len(keys) == 1 else 'have'} debits unequal to credits")
     if unknown_total:
         message += f"; {_plural(unknown_total, 'leg')} with a NULL amount or unknown side"
+    if summary is not None and summary.currency_totals is not None:
+        message += SHARED_GROUPING_NOTE
     return CheckOutcome(rows_examined=examined, violations=len(keys),
                         offending_keys=tuple(keys[:limit]),
                         message=message + _float_note(schema), details={"totals": totals})

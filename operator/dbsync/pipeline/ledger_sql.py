@@ -48,7 +48,7 @@ WHERE c.relname = %(name)s
 
 # Domains are reported by their base type, so a domain over numeric counts as numeric.
 _LIST_COLUMNS = """
-SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), base.typname
+SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), base.typname, a.attnotnull
 FROM pg_catalog.pg_attribute AS a
 JOIN pg_catalog.pg_type AS t ON t.oid = a.atttypid
 JOIN pg_catalog.pg_type AS base
@@ -83,6 +83,7 @@ class Column:
     name: str
     type_name: str
     base_type: str
+    not_null: bool = False
 
     @property
     def is_float(self) -> bool:
@@ -145,8 +146,8 @@ def find_table(connection: psycopg.Connection[tuple[object, ...]], configured: s
     oid, found_schema, found_name = found
     columns = {
         str(column_name): Column(name=str(column_name), type_name=str(type_name),
-                                 base_type=str(base_type))
-        for column_name, type_name, base_type in connection.execute(
+                                 base_type=str(base_type), not_null=bool(not_null))
+        for column_name, type_name, base_type, not_null in connection.execute(
             _LIST_COLUMNS, {"oid": oid}).fetchall()
     }
     unique = frozenset(
