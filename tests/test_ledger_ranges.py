@@ -113,7 +113,7 @@ def test_ranges_cover_every_id_with_open_ends(ledger_dsn: str) -> None:
     assert len(ranges) == 3
 
 
-def test_no_split_without_an_index_on_the_transaction_id(ledger_dsn: str) -> None:
+def test_no_split_without_transaction_index(ledger_dsn: str) -> None:
     """Without an index each range would scan the whole table, so the pass stays whole."""
     books = make_books(ledger_dsn, "side")
     with psycopg.connect(books.dsn, autocommit=True) as connection:
@@ -137,7 +137,7 @@ def test_orphans_alone_and_with_the_shared_pass_agree(ledger_dsn: str) -> None:
         CheckStatus.FAIL, 3, ("90", "91"))
 
 
-def test_unknown_account_alone_fails_orphans_after_the_shared_pass(ledger_dsn: str) -> None:
+def test_unknown_account_fails_shared_orphans(ledger_dsn: str) -> None:
     """Headers all present is not enough: an unknown account still fails orphans."""
     books = make_books(ledger_dsn, "side")
     books.add_transaction(91, [(1, "USD", "1.00"), (999, "USD", "-1.00")])
@@ -176,7 +176,7 @@ def trial_balance_of(books: LedgerBooks, checks: list[str]) -> CheckResult:
 
 @pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "single-currency"])
 @pytest.mark.parametrize("style", STYLES)
-def test_trial_balance_from_the_shared_pass_equals_its_own_query(
+def test_shared_trial_balance_matches_own_query(
         ledger_dsn: str, style: str, mixed: bool) -> None:
     """Currency totals taken from the shared pass match trial_balance's own scan."""
     books = make_books(ledger_dsn, style)
@@ -195,5 +195,5 @@ def test_trial_balance_from_the_shared_pass_equals_its_own_query(
                                 alone.rows_examined, alone.details)
     assert alone.offending_keys == (("EUR", "GBP", "USD") if mixed else ("GBP", "USD"))
     # A transaction in two currencies cannot be totalled per transaction, so the check
-    # falls back to its own scan and says nothing about the shared pass.
+    # falls back to its own scan, and its message lacks the shared-pass note.
     assert ("shared by the per-transaction checks" in shared.message) is not mixed

@@ -207,9 +207,9 @@ def _summary_branch(schema: LedgerSchema, start: int | None, stop: int | None, *
 
     With ``with_headers`` each group is also looked up among the transaction headers of
     the same range, which costs far less than joining every posting to the headers.  With
-    ``with_currency_totals`` the counts come per currency of the transactions, with their
-    debit and credit totals; that is one more small hash table, where a separate
-    trial_balance query would read every posting again.
+    ``with_currency_totals`` the counts come per currency, with debit and credit totals.
+    That costs one more small hash table, while a separate trial_balance query would read
+    every posting again.
     """
     where: sql.Composable = _range_condition(schema, start, stop)
     if null_transactions:
@@ -305,7 +305,7 @@ def summarize_transactions(schema: LedgerSchema, connection: Connection, *,
         "sum(b.debits), sum(b.credits) FROM ({}) AS b GROUP BY b.currency"
     ).format(sql.SQL(" UNION ALL ").join(branches))).fetchall()
 
-    # One row, or one row per currency: add them up.
+    # One row, or one row per currency when totals were asked for: add the counts up.
     counts = [sum(_as_int(row[column]) for row in rows) for column in range(1, 7)]
     legs, unbalanced, unknown, one_sided, mixed, split = counts
     headerless = sum(_as_int(row[7]) for row in rows) if with_headers else None
@@ -321,24 +321,14 @@ def summarize_transactions(schema: LedgerSchema, connection: Connection, *,
 
 
 def _currency_totals(rows: Sequence[tuple[object, ...]]) -> tuple[CurrencyTotals, ...]:
-    """Merge the branches' per-currency rows, ordered as trial_balance orders currencies."""
-    merged: dict[str | None, CurrencyTotals] = {}
-    for row in rows:
-        currency = None if row[0] is None else str(row[0])
-        debits = row[8] if isinstance(row[8], Decimal | int) else 0
-        credits = row[9] if isinstance(row[9], Decimal | int) else 0
-        earlier = merged.get(currency)
-        if earlier is not None:
-            debits += earlier.debits
-            credits += earlier.credits
-        merged[currency] = CurrencyTotals(
-            currency=currency,
-            legs=_as_int(row[1]) + (earlier.legs if earlier else 0),
-            unknown_legs=_as_int(row[3]) + (earlier.unknown_legs if earlier else 0),
-            debits=debits, credits=credits)
-    # Ordered as check_trial_balance orders its own rows: by code, then NULL.
-    return tuple(sorted(merged.values(),
-                        key=lambda total: (total.currency is None, total.currency or "")))
+    """Turn the pass's per-currency rows into totals, ordered as trial_balance orders them."""
+    totals = [
+        CurrencyTotals(currency=None if row[0] is None else str(row[0]), legs=_as_int(row[1]),
+                       unknown_legs=_as_int(row[3]),
+                       debits=row[8] if isinstance(row[8], Decimal | int) else 0,
+                       credits=row[9] if isinstance(row[9], Decimal | int) else 0)
+        for row in rows]
+    return tuple(sorted(totals, key=lambda total: (total.currency is None, total.currency or "")))
 
 
 SHARED_GROUPING_NOTE = " (counted in the grouping pass shared by the per-transaction checks)"
@@ -430,7 +420,7 @@ def check_trial_balance(schema: LedgerSchema, connection: Connection, *, limit: 
                         summary: TransactionSummary | None = None) -> CheckOutcome:
     """Check that total debits equal total credits in each currency.
 
-    A ``summary`` with currency totals answers without reading the postings again.
+    A ``summary`` with currency totals supplies them without reading the postings again.
     """
     rows: list[tuple[object, ...]]
     if summary is not None and summary.currency_totals is not None:
@@ -654,7 +644,7 @@ def check_orphans(schema: LedgerSchema, connection: Connection, *, limit: int,
                   summary: TransactionSummary | None = None) -> CheckOutcome:
     """Find postings without their transaction header or with an account not in accounts.
 
-    A ``summary`` that counted headerless legs answers the header half.  When it and the
+    A ``summary`` that counted headerless legs settles the header half.  When it and the
     account lookup find nothing, the check passes without joining every posting to the
     headers; otherwise the full query below counts and names the orphans.
     """

@@ -397,7 +397,7 @@ class LedgerSchema:
             self.currency_ref, branches, sql.Literal(config.default_minor_units))
 
     def fewest_minor_units(self) -> int:
-        """The smallest number of decimal places any posting's currency allows."""
+        """Return the fewest decimal places that any posting's currency allows."""
         config = self.config
         if self.currency is None:
             assert config.postings.fixed_currency is not None
