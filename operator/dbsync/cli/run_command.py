@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from dbsync.pipeline import logs
-from dbsync.pipeline.errors import ConfigurationError, DbsyncError
+from dbsync.pipeline.errors import ConfigurationError, DbsyncError, describe_kind
 from dbsync.pipeline.report import usage_error_report
 
 logger = logging.getLogger("dbsync.cli")
@@ -195,18 +195,9 @@ def _parse_request_json(text: str, *, origin: str) -> dict[str, Any]:
 
     if not isinstance(loaded, dict):
         raise ConfigurationError(
-            f"{origin} contains {_describe_json_value(loaded)}, not a JSON object: write the "
+            f"{origin} contains {describe_kind(loaded, JSON_KINDS)}, not a JSON object: write the "
             f"request as one JSON object. {REQUEST_FORMAT_HINT}")
     return loaded
-
-
-def _describe_json_value(value: object) -> str:
-    if value is None:
-        return "null"
-    for kind, description in JSON_KINDS:
-        if isinstance(value, kind):
-            return description
-    return f"a value of type {type(value).__name__}"
 
 
 def validation_message(error: ValidationError) -> str:

@@ -6,6 +6,8 @@ and marking the resource Stalled, and :attr:`DbsyncError.reason` as the conditio
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -58,3 +60,17 @@ class AuditUnavailableError(DbsyncError):
     reason = "AuditUnavailable"
     exit_code = EXIT_USAGE
     transient = True
+
+
+def describe_kind(value: object, kinds: Sequence[tuple[type, str]]) -> str:
+    """Name the kind of a parsed value in plain words, for messages about a bad file.
+
+    ``kinds`` pairs types with words ("a list") and is searched in order, so a subclass
+    such as ``bool`` (of ``int``) must come before its base class.
+    """
+    if value is None:
+        return "null"
+    for kind, description in kinds:
+        if isinstance(value, kind):
+            return description
+    return f"a value of type {type(value).__name__}"

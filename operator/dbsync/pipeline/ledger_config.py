@@ -19,7 +19,7 @@ import yaml
 from pydantic import ConfigDict, Field, Strict, model_validator
 from pydantic.alias_generators import to_camel
 
-from dbsync.pipeline.errors import ConfigurationError
+from dbsync.pipeline.errors import ConfigurationError, describe_kind
 
 DEFAULT_STATEMENT_TIMEOUT_MS = 300_000
 DEFAULT_MAX_OFFENDING_KEYS = 20
@@ -298,26 +298,18 @@ def load_ledger_config(path: Path) -> LedgerConfig:
         if data is None and yaml.compose(text, Loader=yaml.SafeLoader) is None:
             found = "is empty (it contains only comments)" if text.strip() else "is empty"
         else:
-            found = f"contains {_describe_yaml_value(data)} at the top level"
+            found = f"contains {describe_kind(data, _YAML_KINDS)} at the top level"
         raise ConfigurationError(
             f"ledger configuration {path} {found}: it must be a YAML mapping with at least a "
             "postings section (see examples/ledger.yaml in the dbsync repository)")
     return parse_ledger_config(data, origin=f"ledger configuration {path}")
 
 
-def _describe_yaml_value(data: object) -> str:
-    """Name the kind of a parsed YAML value in plain words, such as "a list" or "a string"."""
-    # bool comes before int because Python's bool is a subclass of int.
-    kinds: tuple[tuple[type, str], ...] = (
-        (bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
-        (list, "a list"), (set, "a set"), (bytes, "binary data"), (datetime.date, "a date"),
-    )
-    if data is None:
-        return "null"
-    for kind, description in kinds:
-        if isinstance(data, kind):
-            return description
-    return f"a value of type {type(data).__name__}"
+# bool comes before int because Python's bool is a subclass of int.
+_YAML_KINDS: tuple[tuple[type, str], ...] = (
+    (bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+    (list, "a list"), (set, "a set"), (bytes, "binary data"), (datetime.date, "a date"),
+)
 
 
 def _describe_validation_error(error: pydantic.ValidationError) -> str:
