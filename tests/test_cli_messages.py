@@ -294,21 +294,24 @@ def test_request_option_logs_no_warning(tmp_path: Path,
 # --log-level and DBSYNC_LOG_LEVEL
 
 
-def test_log_level_option_rejects_unknown_name(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_log_level_option_rejects_unknown_name(command: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     """--log-level accepts only debug, info, warning and error."""
     with pytest.raises(SystemExit) as raised:
-        main(["run", "--log-level", "loud"])
+        main([command, "--log-level", "loud"])
 
     assert raised.value.code == 2
     assert "invalid choice: 'loud'" in capsys.readouterr().err
 
 
-def test_log_level_variable_rejects_unknown_name(monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_log_level_variable_rejects_unknown_name(command: str, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """An unknown DBSYNC_LOG_LEVEL is a usage error naming the variable and the levels."""
     monkeypatch.setenv("DBSYNC_LOG_LEVEL", "loud")
 
-    code = main(["run", "--source", UNUSED_DSN, "--target", UNUSED_DSN])
+    code = main([command, "--source", UNUSED_DSN, "--target", UNUSED_DSN])
     lines = _error_lines(capsys.readouterr().err)
 
     assert code == 2

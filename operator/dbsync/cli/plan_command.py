@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from dbsync.cli.run_command import (
+    add_log_level_argument,
     add_request_arguments,
+    log_level,
     request_from_arguments,
     request_from_config,
     request_from_environment,
@@ -40,6 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("--config-env", metavar="VARIABLE",
                         help="read the whole request as JSON from this environment variable "
                         "(how a plan Job's pod gets it); other options are then ignored")
+    add_log_level_argument(parser)
     parser.set_defaults(handler=run)
 
 
@@ -50,9 +53,10 @@ def run(args: argparse.Namespace) -> int:
         write_termination_message,
     )
 
-    logs.configure(json_output=True if args.output == "json" else None)
     sync_id = uuid.uuid4()
     try:
+        logs.configure(json_output=True if args.output == "json" else None,
+                       level=log_level(args))
         request = _request(args)
         sync_id = request.sync_id or sync_id
         plan = _record_plan(request, sync_id)

@@ -55,10 +55,15 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("--config-env", metavar="VARIABLE",
                         help="read the whole request as JSON from this environment variable "
                         "(how a sync Job's pod gets it); other options are then ignored")
+    add_log_level_argument(parser)
+    parser.set_defaults(handler=run)
+
+
+def add_log_level_argument(parser: argparse.ArgumentParser) -> None:
+    """Add --log-level, which run and plan share."""
     parser.add_argument("--log-level", type=str.lower, choices=tuple(logs.LEVELS),
                         help="minimum level of the log lines written to standard error; "
                         f"default ${logs.LOG_LEVEL_VARIABLE}, else info")
-    parser.set_defaults(handler=run)
 
 
 class DeprecatedRequestOption(argparse.Action):
@@ -209,7 +214,7 @@ def validation_message(error: ValidationError) -> str:
     return "invalid sync request: " + "; ".join(problems)
 
 
-def _log_level(args: argparse.Namespace) -> int:
+def log_level(args: argparse.Namespace) -> int:
     """Return the level from --log-level, else from $DBSYNC_LOG_LEVEL, else INFO."""
     if args.log_level is not None:
         return logs.level_from_name(args.log_level, origin="--log-level")
@@ -230,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     dry_run = args.dry_run or "off"
     try:
         logs.configure(json_output=True if args.output == "json" else None,
-                       level=_log_level(args))
+                       level=log_level(args))
         if getattr(args, "deprecated_config_option", False):
             logger.warning("--config is the deprecated old name of --request for dbsync run: "
                            "pass the request file as --request FILE")
