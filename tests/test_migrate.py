@@ -17,6 +17,7 @@ from dbsync.pipeline.migrate import (
     TargetAheadError,
     read_current_revision,
 )
+from tests.dbtools import schema_dump
 from tests.migration_fixtures import (
     SELF_CONNECTING_ENV_PY,
     TargetFactory,
@@ -25,7 +26,6 @@ from tests.migration_fixtures import (
     revision_operations,
     row_count,
     run_migrate,
-    schema_dump,
     write_revision,
     write_table_chain,
 )
@@ -64,7 +64,7 @@ def test_nothing_pending_is_a_no_op(target: str, tmp_path: Path) -> None:
 def test_failure_half_way_leaves_target_unchanged(target: str, tmp_path: Path) -> None:
     write_table_chain(tmp_path, 1)
     run_migrate(target, migrations_dir=tmp_path)
-    before_dump = schema_dump(target)
+    before_dump = schema_dump(target, without_dbsync_tables=True)
     write_revision(tmp_path, "r002", "r001", ["CREATE TABLE t_2 (id int)"])
     write_revision(tmp_path, "r003", "r002", ["ALTER TABLE t_1 ADD COLUMN extra int",
                                               "ALTER TABLE missing_table ADD COLUMN x int"])
@@ -74,7 +74,7 @@ def test_failure_half_way_leaves_target_unchanged(target: str, tmp_path: Path) -
         run_migrate(target, migrations_dir=tmp_path)
 
     assert alembic_version(target) == ["r001"]
-    assert schema_dump(target) == before_dump
+    assert schema_dump(target, without_dbsync_tables=True) == before_dump
     assert "revision r003 (r003.py)" in str(caught.value)
     assert "rolled back" in str(caught.value)
 
@@ -134,11 +134,11 @@ def test_rehearse_leaves_schema_and_version_identical(target: str, tmp_path: Pat
     write_revision(tmp_path, "r002", "r001", ["CREATE TABLE t_2 (id int)",
                                               "SELECT pg_sleep(0.05)"])
     write_revision(tmp_path, "r003", "r002", ["ALTER TABLE t_1 ADD COLUMN note text"])
-    before_dump = schema_dump(target)
+    before_dump = schema_dump(target, without_dbsync_tables=True)
 
     result, sync_id = run_migrate(target, migrations_dir=tmp_path, dry_run="rehearse")
 
-    assert schema_dump(target) == before_dump
+    assert schema_dump(target, without_dbsync_tables=True) == before_dump
     assert alembic_version(target) == ["r001"]
     assert [outcome.status for outcome in result.outcomes] == [OutcomeStatus.REHEARSED] * 2
     assert result.outcomes[0].duration_ms >= 50
@@ -179,13 +179,13 @@ def test_target_ahead_of_source_rejected(db_pair: object, tmp_path: Path) -> Non
     source, target_dsn = db_pair.source, db_pair.target  # type: ignore[attr-defined]
     run_migrate(source, migrations_dir=tmp_path, revision="r001")
     run_migrate(target_dsn, migrations_dir=tmp_path)
-    before_dump = schema_dump(target_dsn)
+    before_dump = schema_dump(target_dsn, without_dbsync_tables=True)
 
     with pytest.raises(TargetAheadError, match="never downgrades implicitly"):
         run_migrate(target_dsn, source_dsn=source, migrations_dir=tmp_path, revision="source")
 
     assert alembic_version(target_dsn) == ["r003"]
-    assert schema_dump(target_dsn) == before_dump
+    assert schema_dump(target_dsn, without_dbsync_tables=True) == before_dump
 
 
 def test_allow_downgrade_runs_downgrades(target: str, tmp_path: Path) -> None:

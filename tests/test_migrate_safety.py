@@ -13,12 +13,12 @@ import pytest
 from dbsync.pipeline.errors import LockTimeoutError, MigrationFailedError
 from dbsync.pipeline.migrate import NonTransactionalRevisionError, OutcomeStatus
 from dbsync.pipeline.migrate_apply import NEW_ENUM_TYPE_EXEMPT_SINCE
+from tests.dbtools import schema_dump
 from tests.migration_fixtures import (
     alembic_version,
     revision_operations,
     row_count,
     run_migrate,
-    schema_dump,
     write_revision,
     write_table_chain,
 )
@@ -170,7 +170,7 @@ def test_enum_of_new_type_follows_server(target: str, tmp_path: Path) -> None:
 def test_hidden_enum_value_use_names_revision(enum_target: tuple[str, Path]) -> None:
     """A use that the static scan cannot see fails at run time with 55P04, explained."""
     target, directory = enum_target
-    before_dump = schema_dump(target)
+    before_dump = schema_dump(target, without_dbsync_tables=True)
     write_revision(directory, "r002", "r001", ["ALTER TYPE mood ADD VALUE 'happy'"])
     write_revision(directory, "r003", "r002",
                    "label = 'hap' + 'py'\nop.execute(f\"INSERT INTO moods VALUES ('{label}')\")")
@@ -183,14 +183,14 @@ def test_hidden_enum_value_use_names_revision(enum_target: tuple[str, Path]) -> 
     assert "55P04" in message
     assert "per-revision" in message
     assert alembic_version(target) == ["r001"]
-    assert schema_dump(target) == before_dump
+    assert schema_dump(target, without_dbsync_tables=True) == before_dump
     assert row_count(target, "SELECT count(*) FROM pg_enum") == 2
 
 
 @pytest.fixture
 def dump_before_lock(migrated: tuple[str, Path]) -> str:
     """The target's schema dump, taken before the blocker locks t_1 (pg_dump would wait)."""
-    return schema_dump(migrated[0])
+    return schema_dump(migrated[0], without_dbsync_tables=True)
 
 
 @pytest.fixture
@@ -221,7 +221,7 @@ def test_lock_timeout_retried_then_reported(
     assert result.lock_retries_used == 2
     blocker.rollback()
     assert alembic_version(target) == ["r001"]
-    assert schema_dump(target) == dump_before_lock
+    assert schema_dump(target, without_dbsync_tables=True) == dump_before_lock
 
 
 def test_lock_timeout_audited_per_attempt(
