@@ -29,6 +29,32 @@ from dbsync.pipeline.lock import SyncLock
 from dbsync.pipeline.migrate import MigrateOptions, MigrateResult, migrate
 from dbsync.testing.servers import TestServer
 
+# A revision on top of the example application's head that fails after its first
+# statement, to prove that a failed sync leaves the target as it was.
+FAILING_REVISION = '''"""Add a column, then fail half-way.
+
+Revision ID: 0007_fails
+Revises: 0006_txn_status
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0007_fails"
+down_revision = "0006_txn_status"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column("accounts", sa.Column("iban", sa.String(34)))
+    op.execute("SELECT 1 / 0")
+
+
+def downgrade() -> None:
+    op.drop_column("accounts", "iban")
+'''
+
 # The cookbook env.py ("Sharing a Connection"): it runs on dbsync's connection when given.
 PROJECT_ENV_PY = '''
 from alembic import context

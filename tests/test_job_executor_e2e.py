@@ -34,7 +34,8 @@ from dbsync.testing.kubeapi import running_apiserver
 from dbsync.testing.kubeapi.kubelet import Kubelet, enable_kubelet
 from dbsync.testing.servers import TestServer
 from tests.dbtools import alembic_versions
-from tests.test_operator_e2e import FAILING_REVISION, Cluster, _sync_source_to_head
+from tests.migration_fixtures import FAILING_REVISION
+from tests.test_operator_e2e import Cluster, _sync_source_to_head
 
 pytestmark = [
     pytest.mark.kubectl,

@@ -39,6 +39,7 @@ from dbsync.testing.kubeapi import KubeApiServer, running_apiserver
 from dbsync.testing.postgres import LocalPostgres, find_free_port
 from dbsync.testing.servers import TestServer
 from tests.dbtools import alembic_versions, execute
+from tests.migration_fixtures import FAILING_REVISION
 
 pytestmark = [
     pytest.mark.kubectl,
@@ -49,30 +50,6 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 EXAMPLE_MIGRATIONS = REPOSITORY / "examples" / "migrations"
 EXAMPLE_HEAD = "0006_txn_status"
 NAMESPACE = "default"
-
-FAILING_REVISION = '''"""Add a column, then fail half-way.
-
-Revision ID: 0007_fails
-Revises: 0006_txn_status
-"""
-
-import sqlalchemy as sa
-from alembic import op
-
-revision = "0007_fails"
-down_revision = "0006_txn_status"
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-    op.add_column("accounts", sa.Column("iban", sa.String(34)))
-    op.execute("SELECT 1 / 0")
-
-
-def downgrade() -> None:
-    op.drop_column("accounts", "iban")
-'''
 
 
 @dataclass

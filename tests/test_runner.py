@@ -15,34 +15,11 @@ from dbsync.pipeline.request import SyncRequest
 from dbsync.pipeline.runner import run_sync
 from tests.conftest import DatabasePair
 from tests.dbtools import alembic_versions, execute, schema_dump
+from tests.migration_fixtures import FAILING_REVISION
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 EXAMPLE_MIGRATIONS = EXAMPLES / "migrations"
 EXAMPLE_HEAD = "0006_txn_status"
-
-FAILING_REVISION = '''"""Add a column, then fail half-way.
-
-Revision ID: 0007_fails
-Revises: 0006_txn_status
-"""
-
-import sqlalchemy as sa
-from alembic import op
-
-revision = "0007_fails"
-down_revision = "0006_txn_status"
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-    op.add_column("accounts", sa.Column("iban", sa.String(34)))
-    op.execute("SELECT 1 / 0")
-
-
-def downgrade() -> None:
-    op.drop_column("accounts", "iban")
-'''
 
 
 def _sync_source_to_head(pair: DatabasePair) -> None:
