@@ -78,6 +78,15 @@ def test_unknown_field_is_rejected() -> None:
         parse_ledger_config(minimal(ammount="amount"), origin="spec")
 
 
+def test_empty_check_list_is_rejected() -> None:
+    """checks: [] would run nothing and report a balanced ledger, so it is an error."""
+    data = minimal()
+    data["checks"] = []
+    with pytest.raises(ConfigurationError, match=r"checks: the list is empty, so no check "
+                                                 r"would run: leave checks out"):
+        parse_ledger_config(data, origin="spec")
+
+
 def test_strict_types_reject_coercion() -> None:
     """A timeout given as a string is rejected instead of coerced."""
     data = minimal()

@@ -16,7 +16,7 @@ from typing import Annotated, Self
 
 import pydantic
 import yaml
-from pydantic import ConfigDict, Field, Strict, model_validator
+from pydantic import ConfigDict, Field, Strict, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from dbsync.pipeline.errors import ConfigurationError, describe_kind
@@ -193,9 +193,18 @@ class LedgerConfig(_LedgerModel):
         Field(default_factory=dict))
     default_minor_units: Annotated[int, Field(ge=0, le=18)] = DEFAULT_MINOR_UNITS
     fingerprint: FingerprintConfig = Field(default_factory=FingerprintConfig)
-    checks: list[LaxCheckName] | None = None
+    # An empty list would run no check and report a balanced ledger, so it is rejected.
+    checks: Annotated[list[LaxCheckName], Field(min_length=1)] | None = None
     statement_timeout_ms: Annotated[int, Field(gt=0)] = DEFAULT_STATEMENT_TIMEOUT_MS
     max_offending_keys: Annotated[int, Field(ge=0, le=10_000)] = DEFAULT_MAX_OFFENDING_KEYS
+
+    @field_validator("checks", mode="before")
+    @classmethod
+    def _reject_empty_selection(cls, value: object) -> object:
+        if value == []:
+            raise ValueError("the list is empty, so no check would run: leave checks out to "
+                             "run every check the configuration allows, or name at least one")
+        return value
 
     @model_validator(mode="after")
     def _check_selection(self) -> Self:
