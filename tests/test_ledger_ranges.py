@@ -197,3 +197,30 @@ def test_shared_trial_balance_matches_own_query(
     # A transaction in two currencies cannot be totalled per transaction, so the check
     # falls back to its own scan, and its message lacks the shared-pass note.
     assert ("shared by the per-transaction checks" in shared.message) is not mixed
+
+
+def test_timed_out_pass_runs_once_then_checks_fall_back(ledger_dsn: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass past its statement timeout is not retried; each check runs its own query."""
+    books = make_books(ledger_dsn, "side")
+    books.add_transaction(3, [(1, "USD", "10.00"), (2, "USD", "-9.99")])
+    calls: list[int] = []
+
+    def slow_pass(schema: LedgerSchema, connection: Connection,
+                  **options: object) -> TransactionSummary:
+        # A real query that outlasts statementTimeoutMs, in place of a pass over big books.
+        calls.append(1)
+        connection.execute("SELECT pg_sleep(5)")
+        raise AssertionError("statement_timeout did not cancel the query")
+
+    monkeypatch.setattr("dbsync.pipeline.ledger.summarize_transactions", slow_pass)
+    result = run_ledger_checks(target_dsn=books.dsn,
+                               config=books.config(statementTimeoutMs=300))
+    statuses = {check.name: check.status for check in result.checks}
+
+    assert len(calls) == 1
+    assert CheckStatus.TIMEOUT not in statuses.values(), result.render_text()
+    assert statuses[CheckName.TRANSACTION_BALANCE] is CheckStatus.FAIL
+    assert statuses[CheckName.TRIAL_BALANCE] is CheckStatus.FAIL
+    assert statuses[CheckName.MINIMUM_LEGS] is CheckStatus.PASS
+    assert statuses[CheckName.ORPHANS] is CheckStatus.PASS

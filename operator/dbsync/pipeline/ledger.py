@@ -275,8 +275,9 @@ def _run_all(*, target_dsn: str, config: LedgerConfig, source_dsn: str | None,
                            "as an exact decimal", warning)
 
         # Per-transaction checks share one grouping pass, which runs inside the first of
-        # them and is timed with it.  If the pass times out there, the next grouped check
-        # runs it again.  A single grouped check uses the pass only when it can read
+        # them and is timed with it.  If the pass times out, it is not tried again: that
+        # check and the later ones run their own narrower queries, each with the full
+        # statement timeout.  A single grouped check uses the pass only when it can read
         # transaction ranges in parallel; otherwise its own narrower query is cheaper.
         # When orphans runs as well and headers are configured, the pass also looks up
         # each transaction's header, which is cheaper than joining every posting to them.
@@ -293,15 +294,26 @@ def _run_all(*, target_dsn: str, config: LedgerConfig, source_dsn: str | None,
         if totals_in_pass:
             pass_users.add(CheckName.TRIAL_BALANCE)
         summaries: list[TransactionSummary] = []
+        pass_timed_out: list[bool] = []
 
         def run_check(name: CheckName) -> CheckOutcome:
             check = _TARGET_CHECKS[name]
-            if name not in pass_users:
+            if name not in pass_users or pass_timed_out:
                 return check(schema, target, limit=limit)
             if not summaries:
-                summaries.append(summarize_transactions(
-                    schema, target, with_headers=headers_in_pass,
-                    with_currency_totals=totals_in_pass))
+                try:
+                    # A savepoint of its own keeps the check's savepoint usable after a
+                    # timeout, so the check can still run its own query.
+                    with target.transaction():
+                        summaries.append(summarize_transactions(
+                            schema, target, with_headers=headers_in_pass,
+                            with_currency_totals=totals_in_pass))
+                except psycopg.errors.QueryCanceled:
+                    pass_timed_out.append(True)
+                    logger.warning("ledger: the shared per-transaction pass exceeded "
+                                   "statementTimeoutMs (%d ms); each check runs its own "
+                                   "query instead", timeout_ms)
+                    return check(schema, target, limit=limit)
             return check(schema, target, limit=limit, summary=summaries[0])
 
         for name in selected:
