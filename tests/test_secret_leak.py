@@ -72,6 +72,8 @@ MALFORMED_DSNS = [
     f"host=127.0.0.1 password='{CANARY}",
     f"postgresql://app:{CANARY}@127.0.0.1:notaport/app",
     f"postgresql://app:{CANARY}@127.0.0.1:5432/app?sslmode=sometimes",
+    # An unescaped "@" in the password: libpq takes the rest of it as the host name.
+    f"postgresql://app:pre@{CANARY}@127.0.0.1:5432/app",
 ]
 
 

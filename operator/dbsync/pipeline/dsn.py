@@ -86,6 +86,15 @@ def parse(dsn: str, *, role: str) -> dict[str, str]:
             "such as postgresql://user@host:5432/dbname") from None
     parsed = {key: str(value) for key, value in params.items() if value is not None}
 
+    # libpq splits a URI at the first "@", so an unescaped "@" in the password leaves the
+    # rest of the password in the host name.  Reject it before the host is printed or
+    # looked up.
+    if any("@" in parsed.get(key, "") for key in ("host", "hostaddr")):
+        raise ConfigurationError(
+            f"the {role} DSN is invalid (its host part contains '@', most likely from an "
+            "unescaped '@' in the user name or password): percent-encode each '@' there as "
+            "%40, for example postgresql://user:p%40ss@host:5432/dbname")
+
     # libpq accepts a comma-separated port per host; each must be a number in range.
     for port in parsed.get("port", "").split(","):
         if port and not (port.isdigit() and 0 < int(port) < 65536):
