@@ -191,7 +191,7 @@ def main() -> None:
         with psycopg.connect(dsn, autocommit=True) as connection:
             version = connection.execute("SHOW server_version").fetchone()
             print(f"PostgreSQL {version[0] if version else '?'}, {args.rows:,} postings, "
-                  f"median of {args.repeat} runs")
+                  f"median of {args.repeat} run{'' if args.repeat == 1 else 's'}")
             started = time.perf_counter()
             connection.execute(SCHEMA)
             connection.execute(FILL.format(rows=args.rows, accounts=ACCOUNTS))

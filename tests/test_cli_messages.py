@@ -12,6 +12,8 @@ import io
 import json
 import logging
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -355,3 +357,16 @@ def test_log_level_variable_and_option(db_pair: DatabasePair, monkeypatch: pytes
     assert quiet_levels == []
     assert loud_code == 0
     assert "info" in loud_levels
+
+
+def test_closed_output_pipe_exits_quietly() -> None:
+    """A reader that closes the pipe early (dbsync ... | head) gets no traceback."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dbsync.cli.main", "crd", "--output", "-"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=60)
+
+    assert b"Traceback" not in stderr, stderr.decode()
+    assert process.returncode == 141

@@ -273,6 +273,8 @@ def test_timeout_is_reported_and_snapshot_survives(ledger_dsn: str) -> None:
     assert [check.status for check in result.checks] == [CheckStatus.TIMEOUT] * 2
     assert not result.balanced
     assert result.failed_checks == (CheckName.TRANSACTION_BALANCE, CheckName.ORPHANS)
+    assert result.render_text().startswith(
+        "ledger: no verdict: transaction_balance, orphans did not finish")
 
 
 def test_checks_run_in_one_read_only_snapshot(ledger_dsn: str) -> None:

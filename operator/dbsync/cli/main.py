@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 from dbsync import __version__
 from dbsync.pipeline.errors import EXIT_USAGE, DbsyncError
+
+# A shell reports a process ended by SIGPIPE as 128 + 13.
+EXIT_BROKEN_PIPE = 141
 
 # Modules are imported by name so that a slow import (kopf for `dbsync operator`) costs only
 # the commands that need it: each module keeps its heavy imports inside the handler.
@@ -60,13 +64,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return handler(args)
+        exit_code = handler(args)
+        # Flushing here, not at interpreter exit, lets a closed pipe be handled below.
+        sys.stdout.flush()
+        return exit_code
     except DbsyncError as error:
         print(f"dbsync: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("dbsync: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader (head, less) closed the pipe: stop quietly, as other tools do.  Standard
+        # output now points at /dev/null, so the final flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

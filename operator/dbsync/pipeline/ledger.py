@@ -130,8 +130,14 @@ class LedgerResult:
 
     def render_text(self, *, include_amounts: bool = False) -> str:
         """Render one line per check, with offending keys and, if asked, amounts."""
-        verdict = "balanced" if self.balanced else (
-            f"NOT balanced: {', '.join(name.value for name in self.failed_checks)}")
+        failed = ", ".join(name.value for name in self.failed_checks)
+        if self.balanced:
+            verdict = "balanced"
+        elif any(check.status is CheckStatus.FAIL for check in self.checks):
+            verdict = f"NOT balanced: {failed}"
+        else:
+            # A check that timed out or could not run proves nothing either way.
+            verdict = f"no verdict: {failed} did not finish"
         lines = [f"ledger: {verdict}"]
         for check in self.checks:
             lines.append(
@@ -251,8 +257,9 @@ def run_ledger_checks(*, target_dsn: str, config: LedgerConfig,
         # Checks catch their own timeouts, so this one hit the catalog lookup.
         raise LockTimeoutError(
             f"the catalog lookup of the ledger tables exceeded statementTimeoutMs "
-            f"({config.statement_timeout_ms} ms), most likely waiting for a lock held by a "
-            "schema change: retry when it has finished") from None
+            f"({config.statement_timeout_ms} ms) before any check ran: raise "
+            "statementTimeoutMs if it is below a few hundred milliseconds, or retry when "
+            "the schema change that holds a lock on these tables has finished") from None
     except psycopg.OperationalError as error:
         # A connection lost between checks surfaces here, when the snapshot is closed.
         detail = dsn_tools.redact_text(str(error).strip(), target_secret,

@@ -167,9 +167,11 @@ class SyncReport:
             for check in self.ledger.get("checks", []):
                 keys = ", ".join(str(key) for key in check.get("offending_keys", [])[:20])
                 suffix = f" offending: {keys}" if keys else ""
+                violations = check.get("violations", 0)
+                noun = "violation" if violations == 1 else "violations"
                 lines.append(
                     f"  {check.get('status', ''):<8} {check.get('name', '')} "
-                    f"({check.get('violations', 0)} violations){suffix}")
+                    f"({violations} {noun}){suffix}")
         lines.append("")
         lines.append("criteria:")
         for criterion in self.criteria:
