@@ -41,7 +41,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     add_request_arguments(parser)
     parser.add_argument("--config-env", metavar="VARIABLE",
                         help="read the whole request as JSON from this environment variable "
-                        "(how a plan Job's pod gets it); other options are then ignored")
+                        "(how a plan Job's pod gets it); the request options are then ignored, "
+                        "while --output and --log-level still apply")
     add_log_level_argument(parser)
     parser.set_defaults(handler=run)
 

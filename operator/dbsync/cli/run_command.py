@@ -54,7 +54,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                         "(dbsync cannot verify it)")
     parser.add_argument("--config-env", metavar="VARIABLE",
                         help="read the whole request as JSON from this environment variable "
-                        "(how a sync Job's pod gets it); other options are then ignored")
+                        "(how a sync Job's pod gets it); the request options are then ignored, "
+                        "while --output and --log-level still apply")
     add_log_level_argument(parser)
     parser.set_defaults(handler=run)
 
@@ -119,8 +120,9 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     # The dest stays "config", the option's name before --request, which plan_command reads.
     parser.add_argument("--request", dest="config", metavar="FILE",
                         help="read the whole request as JSON from FILE, or from standard input "
-                        "with '-' (keeps credentials off the command line); other options are "
-                        "then ignored. --config FILE is the deprecated old name of this option")
+                        "with '-' (keeps credentials off the command line); the request options "
+                        "are then ignored, while --output and --log-level still apply. "
+                        "--config FILE is the deprecated old name of this option")
     # --config is hidden from --help because 'dbsync ledger --config' names a ledger YAML
     # file, and one option name for two kinds of file is easy to mix up.
     parser.add_argument("--config", dest="config", metavar="FILE",
