@@ -370,3 +370,23 @@ def test_closed_output_pipe_exits_quietly() -> None:
 
     assert b"Traceback" not in stderr, stderr.decode()
     assert process.returncode == 141
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("allow_downgrade", "yes"),
+    ("run_migrations", "false"),
+    ("lock_wait_seconds", "60"),
+    ("statement_timeout_ms", "1000"),
+])
+def test_request_values_are_not_coerced(field: str, value: str, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A switch or number written as a string is rejected, never read as a guess."""
+    path = tmp_path / "request.json"
+    path.write_text(json.dumps({"source_dsn": UNUSED_DSN, "target_dsn": UNUSED_DSN,
+                                field: value}), encoding="utf-8")
+
+    code = main(["run", "--request", str(path)])
+    lines = _error_lines(capsys.readouterr().err)
+
+    assert code == 2
+    assert f"{field}: Input should be a valid" in lines[0]

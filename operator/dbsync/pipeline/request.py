@@ -14,10 +14,19 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
 
 from dbsync.pipeline.errors import ConfigurationError
 from dbsync.pipeline.ledger import LedgerConfig
@@ -59,12 +68,14 @@ class SyncRequest(BaseModel):
     revision: str = Field(default="head", min_length=1, max_length=255)
     transaction_mode: TransactionMode = TransactionMode.ALL
     dry_run: DryRunMode = DryRunMode.OFF
-    run_migrations: bool = True
-    allow_downgrade: bool = False
-    lock_wait_seconds: float = Field(default=60.0, ge=0, le=86_400)
-    lock_timeout_ms: int | None = Field(default=None, ge=1, le=3_600_000)
-    statement_timeout_ms: int | None = Field(default=None, ge=1, le=86_400_000)
-    connect_timeout_seconds: int = Field(default=10, ge=1, le=600)
+    # Switches and numbers are strict: a request file's "yes" or "60" is an error rather
+    # than a guess, which matters most for allow_downgrade.
+    run_migrations: StrictBool = True
+    allow_downgrade: StrictBool = False
+    lock_wait_seconds: Annotated[float, Strict()] = Field(default=60.0, ge=0, le=86_400)
+    lock_timeout_ms: StrictInt | None = Field(default=None, ge=1, le=3_600_000)
+    statement_timeout_ms: StrictInt | None = Field(default=None, ge=1, le=86_400_000)
+    connect_timeout_seconds: StrictInt = Field(default=10, ge=1, le=600)
     diff: DiffRequest = DiffRequest()
     ledger: LedgerConfig | None = None
     audit_dsn: str | None = None
