@@ -390,3 +390,17 @@ def test_request_values_are_not_coerced(field: str, value: str, tmp_path: Path,
 
     assert code == 2
     assert f"{field}: Input should be a valid" in lines[0]
+
+
+def test_ledger_honours_log_level_variable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """dbsync ledger reads DBSYNC_LOG_LEVEL like run and plan, so a bad value is an error."""
+    monkeypatch.setenv("DBSYNC_LOG_LEVEL", "loud")
+    path = tmp_path / "ledger.yaml"
+    path.write_text("postings: {}\n", encoding="utf-8")
+
+    code = main(["ledger", "--target", UNUSED_DSN, "--config", str(path)])
+    lines = _error_lines(capsys.readouterr().err)
+
+    assert code == 2
+    assert "$DBSYNC_LOG_LEVEL is 'loud', which is not a log level" in lines[0]

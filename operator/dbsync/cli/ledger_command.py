@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
+from dbsync.cli.run_command import add_log_level_argument, log_level
+from dbsync.pipeline import logs
 from dbsync.pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ConfigurationError
 
 TARGET_DSN_VARIABLE = "DBSYNC_TARGET_DSN"
@@ -48,6 +51,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--include-amounts", action="store_true",
         help="also print the amounts behind each finding; by default only transaction "
         "ids, account ids and counts are printed")
+    # The report goes to standard output, so by default only warnings are logged.
+    add_log_level_argument(parser, default_name="warning")
     parser.set_defaults(handler=run)
 
 
@@ -73,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         run_ledger_checks,
     )
 
+    logs.configure(json_output=True if args.output == "json" else None,
+                   level=log_level(args, default=logging.WARNING))
     if not args.target:
         raise ConfigurationError(
             f"no target database: pass --target DSN or set ${TARGET_DSN_VARIABLE}")

@@ -60,11 +60,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.set_defaults(handler=run)
 
 
-def add_log_level_argument(parser: argparse.ArgumentParser) -> None:
-    """Add --log-level, which run and plan share."""
+def add_log_level_argument(parser: argparse.ArgumentParser, *,
+                           default_name: str = "info") -> None:
+    """Add --log-level, which run, plan and ledger share."""
     parser.add_argument("--log-level", type=str.lower, choices=tuple(logs.LEVELS),
                         help="minimum level of the log lines written to standard error; "
-                        f"default ${logs.LOG_LEVEL_VARIABLE}, else info")
+                        f"default ${logs.LOG_LEVEL_VARIABLE}, else {default_name}")
 
 
 class DeprecatedRequestOption(argparse.Action):
@@ -216,11 +217,11 @@ def validation_message(error: ValidationError) -> str:
     return "invalid sync request: " + "; ".join(problems)
 
 
-def log_level(args: argparse.Namespace) -> int:
-    """Return the level from --log-level, else from $DBSYNC_LOG_LEVEL, else INFO."""
+def log_level(args: argparse.Namespace, *, default: int = logging.INFO) -> int:
+    """Return the level from --log-level, else from $DBSYNC_LOG_LEVEL, else ``default``."""
     if args.log_level is not None:
         return logs.level_from_name(args.log_level, origin="--log-level")
-    return logs.level_from_environment(os.environ)
+    return logs.level_from_environment(os.environ, default=default)
 
 
 def _is_plan_hash(value: str) -> bool:
