@@ -160,3 +160,21 @@ def test_json_schema_has_camel_case_properties() -> None:
     postings = schema["$defs"]["PostingsConfig"]["properties"]
     assert "transactionId" in postings
     assert schema["additionalProperties"] is False
+
+
+def test_repeated_yaml_key_is_rejected(tmp_path: Path) -> None:
+    """A key given twice is an error naming it, not a silent replacement of the first."""
+    path = tmp_path / "ledger.yaml"
+    path.write_text("postings:\n  table: postings\ncheckss: []\npostings:\n  table: other\n",
+                    encoding="utf-8")
+    with pytest.raises(ConfigurationError, match=r"at line 4, column 1: key 'postings' "
+                                                 r"appears twice in one mapping"):
+        load_ledger_config(path)
+
+
+def test_unhashable_yaml_key_is_still_a_yaml_error(tmp_path: Path) -> None:
+    """A list used as a key gets PyYAML's own error, not a crash in the duplicate check."""
+    path = tmp_path / "ledger.yaml"
+    path.write_text("? [a, b]\n: 1\n", encoding="utf-8")
+    with pytest.raises(ConfigurationError, match="not valid YAML"):
+        load_ledger_config(path)

@@ -10,9 +10,10 @@ structural schemas cannot express ``oneOf`` between object shapes.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Hashable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, Any, Self
 
 import pydantic
 import yaml
@@ -293,7 +294,7 @@ def load_ledger_config(path: Path) -> LedgerConfig:
             f"ledger configuration {path} is not UTF-8 text (invalid byte at offset "
             f"{error.start}): save it as UTF-8") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -312,6 +313,27 @@ def load_ledger_config(path: Path) -> LedgerConfig:
             f"ledger configuration {path} {found}: it must be a YAML mapping with at least a "
             "postings section (see examples/ledger.yaml in the dbsync repository)")
     return parse_ledger_config(data, origin=f"ledger configuration {path}")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice in one mapping.
+
+    PyYAML keeps the last value of a repeated key without a word, so a second ``checks:``
+    or ``postings:`` further down a long file would silently replace the first.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader itself rejects an unhashable key, with its position.
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping: keep one of them",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 # bool comes before int because Python's bool is a subclass of int.
