@@ -115,6 +115,10 @@ class LocalPostgres:
         return str(directory / name)
 
     def _run(self, args: list[str], *, timeout_seconds: float = 60.0) -> None:
+        # pg_ctl refuses to run as root, also for an object that attaches to an existing
+        # data directory and so never ran init().
+        if self._run_as is None and os.geteuid() == 0:
+            self._run_as = _ensure_os_user(SERVER_OS_USER)
         user = self._run_as.pw_name if self._run_as is not None else None
         completed = subprocess.run(
             args, capture_output=True, text=True, user=user, timeout=timeout_seconds, check=False,
