@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
 
@@ -68,6 +69,20 @@ def test_identical_ledgers_match(identical_ledgers: DatabasePair) -> None:
     check = result.checks[0]
     assert check.status is CheckStatus.PASS, check.message
     assert check.rows_examined == POSTINGS
+
+
+def test_fingerprint_logs_source_and_target_apart(identical_ledgers: DatabasePair,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Reading the source and comparing on the target are two log lines, told apart."""
+    with caplog.at_level(logging.INFO, logger="dbsync.ledger"):
+        run_ledger_checks(target_dsn=identical_ledgers.target, config=fingerprint_config(),
+                          source_dsn=identical_ledgers.source)
+    messages = [record.getMessage() for record in caplog.records
+                if record.getMessage().startswith("ledger check fingerprint")]
+
+    assert len(messages) == 2
+    assert messages[0].startswith("ledger check fingerprint (reading the source): PASS")
+    assert messages[1].startswith("ledger check fingerprint: PASS")
 
 
 def test_one_changed_amount_names_its_bucket(identical_ledgers: DatabasePair) -> None:

@@ -197,8 +197,12 @@ def _resolve(connection: Connection, config: LedgerConfig, *, dsn: str,
 
 
 def _run_timed(name: CheckName, connection: Connection, timeout_ms: int, dsn_secret: str,
-               run: Callable[[], CheckOutcome]) -> CheckResult:
-    """Run one check in a savepoint with its own statement timeout and time it."""
+               run: Callable[[], CheckOutcome], *, log_label: str | None = None) -> CheckResult:
+    """Run one check in a savepoint with its own statement timeout and time it.
+
+    ``log_label`` names the step in the log line when it is only part of the check.
+    """
+    label = log_label or name.value
     started = time.monotonic()
     status = CheckStatus.ERROR
     outcome: CheckOutcome | None = None
@@ -218,10 +222,10 @@ def _run_timed(name: CheckName, connection: Connection, timeout_ms: int, dsn_sec
     duration_ms = (time.monotonic() - started) * 1000.0
 
     if outcome is None:
-        logger.warning("ledger check %s: %s (%.0f ms)", name.value, status.value, duration_ms)
+        logger.warning("ledger check %s: %s (%.0f ms)", label, status.value, duration_ms)
         return CheckResult(name=name, status=status, rows_examined=0, violations=0,
                            offending_keys=(), duration_ms=duration_ms, message=message)
-    logger.info("ledger check %s: %s, %d violations in %d rows (%.0f ms)", name.value,
+    logger.info("ledger check %s: %s, %d violations in %d rows (%.0f ms)", label,
                 status.value, outcome.violations, outcome.rows_examined, duration_ms)
     return CheckResult(name=name, status=status, rows_examined=outcome.rows_examined,
                        violations=outcome.violations, offending_keys=outcome.offending_keys,
@@ -353,7 +357,8 @@ def _run_fingerprint(*, target: Connection, target_schema: LedgerSchema, source_
             return CheckOutcome(rows_examined=0, violations=0, offending_keys=(), message="")
 
         source_result = _run_timed(CheckName.FINGERPRINT, source, timeout_ms,
-                                   source_secret, fingerprint_source)
+                                   source_secret, fingerprint_source,
+                                   log_label="fingerprint (reading the source)")
     if source_result.status is not CheckStatus.PASS:
         return CheckResult(name=CheckName.FINGERPRINT, status=source_result.status,
                            rows_examined=0, violations=0, offending_keys=(),
