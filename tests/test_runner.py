@@ -103,6 +103,10 @@ def test_dry_run_changes_nothing_but_writes_audit(db_pair: DatabasePair) -> None
     operations = _operations(db_pair.target, report.sync_id)
     assert ("SYNC", None, "SUCCESS") in operations
     assert sum(1 for kind, _, _ in operations if kind == "REVISION") == 4
+    # The target still lacks the pending tables, which a dry run reports but never counts.
+    text = report.render_text()
+    assert "  info no_schema_differences:" in text
+    assert "  FAIL " not in text
 
 
 def test_revision_source_stops_at_source_revision(db_pair: DatabasePair) -> None:
