@@ -402,3 +402,18 @@ def test_shared_grouping_pass_matches_single_checks(ledger_dsn: str, style: str,
         assert (shared.violations, shared.offending_keys, shared.rows_examined) == (
             alone.violations, alone.offending_keys, alone.rows_examined), shared.name
     assert "shared by the per-transaction checks" in together[1].message
+
+
+def test_stored_balances_names_uncomparable_accounts(ledger_dsn: str) -> None:
+    """An unknown normal side or a NULL balance is named as the cause, not as drift."""
+    books = make_books(ledger_dsn, "side")
+    schema = sql.Identifier(books.schema)
+    books.execute(sql.SQL("UPDATE {}.accounts SET normal_side = 'X' WHERE id = 1").format(schema))
+    books.execute(sql.SQL("UPDATE {}.accounts SET balance = NULL WHERE id = 2").format(schema))
+
+    check = run_one(books, CheckName.STORED_BALANCES)
+
+    assert check.status is CheckStatus.FAIL
+    assert check.offending_keys == ("1", "2")
+    assert check.message.endswith(
+        "(1 with an unknown normal side, 1 with a NULL stored balance)"), check.message

@@ -491,9 +491,12 @@ def check_stored_balances(schema: LedgerSchema, connection: Connection, *,
     violation = sql.SQL("(j.stored IS NULL OR j.sign IS NULL OR j.unknown_legs > 0 "
                         "OR j.stored <> j.expected)")
 
-    accounts, legs, violations = _fetch_one(connection, sql.SQL(
-        "SELECT count(*), coalesce(sum(j.legs), 0), count(*) FILTER (WHERE {violation}) "
-        "FROM ({joined}) AS j").format(violation=violation, joined=joined))
+    accounts, legs, violations, no_sign, no_balance, unknown_legs = _fetch_one(
+        connection, sql.SQL(
+            "SELECT count(*), coalesce(sum(j.legs), 0), count(*) FILTER (WHERE {violation}), "
+            "count(*) FILTER (WHERE j.sign IS NULL), count(*) FILTER (WHERE j.stored IS NULL), "
+            "count(*) FILTER (WHERE j.unknown_legs > 0) FROM ({joined}) AS j"
+        ).format(violation=violation, joined=joined))
     violation_count = _as_int(violations)
 
     keys: list[str] = []
@@ -512,6 +515,13 @@ def check_stored_balances(schema: LedgerSchema, connection: Connection, *,
     message = (f"{_plural(violation_count, 'account')} out of {_as_int(accounts)} "
                f"{'has' if violation_count == 1 else 'have'} a stored balance unequal to "
                "the net of its postings")
+    # Accounts whose balance cannot be compared at all are counted apart, because their fix
+    # is in the accounts table or the postings rather than in the balance.
+    causes = [f"{_as_int(count)} {cause}" for count, cause in (
+        (no_sign, "with an unknown normal side"), (no_balance, "with a NULL stored balance"),
+        (unknown_legs, "with postings of unknown amount or side")) if _as_int(count)]
+    if causes:
+        message += f" ({', '.join(causes)})"
     return CheckOutcome(rows_examined=_as_int(accounts) + _as_int(legs),
                         violations=violation_count, offending_keys=tuple(keys),
                         message=message + _float_note(schema), details={"accounts": drifted})
