@@ -73,7 +73,7 @@ def test_identical_ledgers_match(identical_ledgers: DatabasePair) -> None:
 
 def test_fingerprint_logs_source_and_target_apart(identical_ledgers: DatabasePair,
                                                   caplog: pytest.LogCaptureFixture) -> None:
-    """Reading the source and comparing on the target are two log lines, told apart."""
+    """Reading the source and comparing on the target log two distinct lines."""
     with caplog.at_level(logging.INFO, logger="dbsync.ledger"):
         run_ledger_checks(target_dsn=identical_ledgers.target, config=fingerprint_config(),
                           source_dsn=identical_ledgers.source)

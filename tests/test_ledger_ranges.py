@@ -67,7 +67,7 @@ def outcomes(schema: LedgerSchema, connection: Connection,
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_parallel_ranges_count_what_single_checks_count(ledger_dsn: str, style: str) -> None:
+def test_split_pass_matches_single_checks(ledger_dsn: str, style: str) -> None:
     """Counts and keys from the split pass equal those of each check's own query."""
     books = make_books(ledger_dsn, style)
     break_every_grouped_check(books)
@@ -94,7 +94,7 @@ def test_parallel_ranges_count_what_single_checks_count(ledger_dsn: str, style: 
     assert all(violations for _, _, violations, _ in together), together
 
 
-def test_ranges_cover_every_id_with_open_ends(ledger_dsn: str) -> None:
+def test_ranges_cover_every_id(ledger_dsn: str) -> None:
     """The first and last ranges are open, and each range starts where the last one stopped."""
     books = make_books(ledger_dsn, "side")
     with books.batch():
@@ -122,7 +122,7 @@ def test_no_split_without_transaction_index(ledger_dsn: str) -> None:
         assert transaction_ranges(schema, connection) == ((None, None),)
 
 
-def test_orphans_alone_and_with_the_shared_pass_agree(ledger_dsn: str) -> None:
+def test_orphans_same_with_shared_pass(ledger_dsn: str) -> None:
     """Orphans reports the same postings whether the shared pass looked up the headers."""
     books = make_books(ledger_dsn, "side")
     books.add_transaction(90, [(1, "USD", "1.00"), (2, "USD", "-1.00")], header=False)
@@ -155,7 +155,7 @@ def test_unknown_account_fails_shared_orphans(ledger_dsn: str) -> None:
     ("numeric(18,4)", "2.0101", True),
     ("numeric(18,2)", "2.01", False),
 ])
-def test_extra_decimals_found_exactly_whatever_the_declared_scale(
+def test_extra_decimals_exact_per_scale(
         ledger_dsn: str, amount_type: str, amount: str, broken: bool) -> None:
     """Trailing zeros are no extra decimals; a real third decimal is one."""
     books = make_books(ledger_dsn, "side", amount_type=amount_type)
@@ -199,8 +199,8 @@ def test_shared_trial_balance_matches_own_query(
     assert ("shared by the per-transaction checks" in shared.message) is not mixed
 
 
-def test_timed_out_pass_runs_once_then_checks_fall_back(ledger_dsn: str,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_timed_out_pass_falls_back(ledger_dsn: str,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A pass past its statement timeout is not retried; each check runs its own query."""
     books = make_books(ledger_dsn, "side")
     books.add_transaction(3, [(1, "USD", "10.00"), (2, "USD", "-9.99")])

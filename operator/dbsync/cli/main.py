@@ -75,8 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("dbsync: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        # The reader (head, less) closed the pipe: stop quietly, as other tools do.  Standard
-        # output now points at /dev/null, so the final flush at exit cannot fail again.
+        # The reader (head, less) closed the pipe, so stop quietly.  Pointing standard output
+        # at /dev/null keeps the flush at interpreter exit from raising the same error.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import uuid
 from typing import TYPE_CHECKING
 
@@ -14,9 +13,7 @@ from dbsync.cli.run_command import (
     add_log_level_argument,
     add_request_arguments,
     log_level,
-    request_from_arguments,
-    request_from_config,
-    request_from_environment,
+    request_fields,
     validation_message,
 )
 from dbsync.pipeline import logs
@@ -78,18 +75,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _request(args: argparse.Namespace) -> SyncRequest:
-    """Read the request from --config, --config-env or the options, and validate it."""
-    from dbsync.pipeline.request import SyncRequest, resolve_environment_dsns
+    """Read the request from --request, --config-env or the options, and validate it."""
+    from dbsync.pipeline.request import SyncRequest
 
-    if args.config:
-        fields = request_from_config(args.config)
-    elif getattr(args, "config_env", None):
-        fields = request_from_environment(args.config_env)
-    else:
-        fields = request_from_arguments(args)
-
-    # A plan Job's request names environment variables instead of carrying DSNs.
-    fields = resolve_environment_dsns(fields, os.environ)
+    fields = request_fields(args)
     try:
         return SyncRequest.model_validate(fields)
     except ValidationError as error:

@@ -208,6 +208,23 @@ def _parse_request_json(text: str, *, origin: str) -> dict[str, Any]:
     return loaded
 
 
+def request_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """Read the request from --request, --config-env or the options, for run and plan.
+
+    A Job's request names environment variables instead of carrying DSNs, so those are
+    resolved here too.
+    """
+    from dbsync.pipeline.request import resolve_environment_dsns
+
+    if args.config:
+        fields = request_from_config(args.config)
+    elif getattr(args, "config_env", None):
+        fields = request_from_environment(args.config_env)
+    else:
+        fields = request_from_arguments(args)
+    return resolve_environment_dsns(fields, os.environ)
+
+
 def validation_message(error: ValidationError) -> str:
     """Summarize pydantic's errors as one line naming each invalid field."""
     problems = []
@@ -230,7 +247,7 @@ def _is_plan_hash(value: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """Run one sync from the parsed arguments and print the report."""
-    from dbsync.pipeline.request import SyncRequest, resolve_environment_dsns
+    from dbsync.pipeline.request import SyncRequest
     from dbsync.pipeline.runner import run_sync
     from dbsync.pipeline.termination import write_termination_message
 
@@ -242,14 +259,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, "deprecated_config_option", False):
             logger.warning("--config is the deprecated old name of --request for dbsync run: "
                            "pass the request file as --request FILE")
-        if args.config:
-            fields = request_from_config(args.config)
-        elif getattr(args, "config_env", None):
-            fields = request_from_environment(args.config_env)
-        else:
-            fields = request_from_arguments(args)
-        # A sync Job's request names environment variables instead of carrying DSNs.
-        fields = resolve_environment_dsns(fields, os.environ)
+        fields = request_fields(args)
         fields.setdefault("sync_id", str(sync_id))
         approved = fields.get("approved_plan")
         if approved is not None and not _is_plan_hash(str(approved)):

@@ -286,16 +286,14 @@ def _run_all(*, target_dsn: str, config: LedgerConfig, source_dsn: str | None,
                            "as an exact decimal", warning)
 
         # Per-transaction checks share one grouping pass, which runs inside the first of
-        # them and is timed with it.  If the pass times out, it is not tried again: that
-        # check and the later ones run their own narrower queries, each with the full
-        # statement timeout.  A single grouped check uses the pass only when it can read
-        # transaction ranges in parallel; otherwise its own narrower query is cheaper.
-        # When orphans runs as well and headers are configured, the pass also looks up
-        # each transaction's header, which is cheaper than joining every posting to them.
-        # When trial_balance runs as well, the pass totals each currency on the way.
+        # them and is timed with it.  A single grouped check uses the pass only when it can
+        # read transaction ranges in parallel, because otherwise its own query is cheaper.
         grouped = _GROUPED_CHECKS.intersection(selected)
         if len(grouped) < 2 and not can_split_transactions(schema):
             grouped = frozenset()
+
+        # The pass also serves orphans (a header lookup per transaction) and trial_balance
+        # (totals per currency) when they run, so neither reads every posting again.
         headers_in_pass = (CheckName.ORPHANS in selected and bool(grouped)
                            and schema.transactions is not None)
         totals_in_pass = CheckName.TRIAL_BALANCE in selected and bool(grouped)
@@ -304,28 +302,31 @@ def _run_all(*, target_dsn: str, config: LedgerConfig, source_dsn: str | None,
             pass_users.add(CheckName.ORPHANS)
         if totals_in_pass:
             pass_users.add(CheckName.TRIAL_BALANCE)
-        summaries: list[TransactionSummary] = []
-        pass_timed_out: list[bool] = []
+        summary: TransactionSummary | None = None
+        pass_timed_out = False
 
         def run_check(name: CheckName) -> CheckOutcome:
+            nonlocal summary, pass_timed_out
             check = _TARGET_CHECKS[name]
             if name not in pass_users or pass_timed_out:
                 return check(schema, target, limit=limit)
-            if not summaries:
+            if summary is None:
                 try:
                     # A savepoint of its own keeps the check's savepoint usable after a
                     # timeout, so the check can still run its own query.
                     with target.transaction():
-                        summaries.append(summarize_transactions(
+                        summary = summarize_transactions(
                             schema, target, with_headers=headers_in_pass,
-                            with_currency_totals=totals_in_pass))
+                            with_currency_totals=totals_in_pass)
                 except psycopg.errors.QueryCanceled:
-                    pass_timed_out.append(True)
-                    logger.warning("ledger: the shared per-transaction pass exceeded "
-                                   "statementTimeoutMs (%d ms); each check runs its own "
+                    # A second try would time out again, so every check that needed the
+                    # pass runs its own query, each with the full statement timeout.
+                    pass_timed_out = True
+                    logger.warning("ledger: the shared per-transaction pass timed out after "
+                                   "statementTimeoutMs (%d ms), so each check runs its own "
                                    "query instead", timeout_ms)
                     return check(schema, target, limit=limit)
-            return check(schema, target, limit=limit, summary=summaries[0])
+            return check(schema, target, limit=limit, summary=summary)
 
         for name in selected:
             if name is CheckName.FINGERPRINT:

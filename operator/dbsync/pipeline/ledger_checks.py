@@ -132,7 +132,7 @@ MAX_TRANSACTION_RANGES = 64
 
 
 def can_split_transactions(schema: LedgerSchema) -> bool:
-    """Whether an index leads with an integer transaction id, so ranges read cheaply."""
+    """Return whether an index leads with an integer transaction id, so ranges read cheaply."""
     column = schema.transaction_id
     return column.is_integer and column.name in schema.postings.index_leading_columns
 
@@ -163,8 +163,8 @@ def transaction_ranges(schema: LedgerSchema, connection: Connection
     if span < branches:
         return whole
 
-    # NOTE: equal widths assume ids spread evenly between min and max; where they cluster,
-    # one range holds most transactions and the pass gains less from the workers.
+    # NOTE: equal widths assume ids spread evenly between min and max.  Where they cluster,
+    # one range contains most transactions and the pass gains less from the workers.
     bounds = [lowest + span * index // branches for index in range(1, branches)]
     starts: list[int | None] = [None, *bounds]
     stops: list[int | None] = [*bounds, None]
@@ -660,7 +660,7 @@ def check_orphans(schema: LedgerSchema, connection: Connection, *, limit: int,
 
     A ``summary`` that counted headerless legs settles the header half.  When it and the
     account lookup find nothing, the check passes without joining every posting to the
-    headers; otherwise the full query below counts and names the orphans.
+    headers.  Otherwise the full query below counts and names the orphans.
     """
     joins: list[sql.Composable] = []
     conditions: list[tuple[str, sql.Composable]] = []

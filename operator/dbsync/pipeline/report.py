@@ -175,9 +175,11 @@ class SyncReport:
         lines.append("")
         lines.append("criteria:")
         for criterion in self.criteria:
-            # A criterion that is not counted cannot fail the sync, so it is never shown
-            # as FAIL (a dry run's skipped ledger step, for example).
-            mark = "ok  " if criterion.ok else ("info" if not criterion.counted else "FAIL")
+            # A criterion that is not counted cannot fail the sync, such as a dry run's
+            # skipped ledger step, so it is marked info rather than FAIL.
+            mark = "ok  "
+            if not criterion.ok:
+                mark = "FAIL" if criterion.counted else "info"
             note = "" if criterion.counted else " (informational)"
             lines.append(f"  {mark} {criterion.name}: {criterion.detail}{note}")
         if self.error is not None:
